@@ -1,0 +1,1 @@
+"""The `largeforge` command line: thin commands over the library API."""

@@ -1,0 +1,162 @@
+"""Llama-style models built through `transformers` from a small, friendly config.
+
+The model itself is `transformers.LlamaForCausalLM` (RMSNorm, RoPE, GQA, SwiGLU): every model
+LargeForge writes is a plain Hugging Face model directory. This module maps our `ModelConfig`
+and named presets onto `LlamaConfig`, and loads or saves model directories.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from largeforge.errors import LargeForgeError
+
+
+class ModelConfig(BaseModel):
+    """Shape of a Llama-style model. `hidden_dim` is the SwiGLU inner size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dim: int = Field(288, gt=0)
+    n_layers: int = Field(6, gt=0)
+    n_heads: int = Field(6, gt=0)
+    n_kv_heads: int | None = Field(None, gt=0, description="defaults to n_heads (no GQA)")
+    hidden_dim: int | None = Field(None, gt=0, description="defaults to ~8/3 dim, multiple of 32")
+    vocab_size: int = Field(32000, gt=0)
+    max_seq_len: int = Field(256, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_embeddings: bool = True
+    norm_eps: float = Field(1e-5, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        kv = self.kv_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({kv})")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim:
+            return self.hidden_dim
+        # llama2.c / Meta rule: 2/3 of 4*dim, rounded up to a multiple of 32.
+        hidden = int(2 * 4 * self.dim / 3)
+        return 32 * ((hidden + 31) // 32)
+
+    def to_hf(self, **extra: Any) -> LlamaConfig:
+        """The equivalent `transformers.LlamaConfig`."""
+        return LlamaConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.dim,
+            intermediate_size=self.ffn_dim,
+            num_hidden_layers=self.n_layers,
+            num_attention_heads=self.n_heads,
+            num_key_value_heads=self.kv_heads,
+            max_position_embeddings=self.max_seq_len,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=self.norm_eps,
+            tie_word_embeddings=self.tie_embeddings,
+            attention_dropout=self.dropout,
+            hidden_act="silu",
+            **extra,
+        )
+
+
+# Presets. `small` is the llama2.c "stories15M" shape; medium and base follow stories42M and
+# stories110M. All tie input and output embeddings, as llama2.c does.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=4096,
+        max_seq_len=256,
+    ),
+    "small": ModelConfig(dim=288, n_layers=6, n_heads=6, hidden_dim=768, max_seq_len=256),
+    "medium": ModelConfig(dim=512, n_layers=8, n_heads=8, hidden_dim=1376, max_seq_len=1024),
+    "base": ModelConfig(dim=768, n_layers=12, n_heads=12, hidden_dim=2048, max_seq_len=1024),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name].model_copy()
+    except KeyError:
+        names = ", ".join(PRESETS)
+        raise LargeForgeError(f"unknown model preset {name!r}; expected one of: {names}") from None
+
+
+def build_model(config: ModelConfig, **hf_extra: Any) -> LlamaForCausalLM:
+    """A freshly initialised `LlamaForCausalLM` with SDPA attention, in fp32."""
+    hf_config = config.to_hf(**hf_extra)
+    return LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Total, trainable and embedding-table parameter counts (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = trainable = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    embedding = 0
+    if isinstance(model, PreTrainedModel):
+        emb = model.get_input_embeddings()
+        out = model.get_output_embeddings()
+        embedding = emb.weight.numel()
+        tied = out is not None and out.weight is emb.weight
+        if out is not None and not tied:
+            embedding += 0  # an untied output head is a real matmul; it is not a lookup table
+    return {"total": total, "trainable": trainable, "embedding": embedding}
+
+
+def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (matmul parameters) + attention (PaLM appendix B).
+
+    The input embedding is a lookup, not a matmul, so it is left out unless it is tied to the
+    output head (which is a matmul over the whole vocabulary).
+    """
+    cfg = model.config
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    seen: set[int] = set()
+    n = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n += p.numel()
+    if out is None or out.weight is not emb:
+        n -= emb.numel()
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len
+    return 6.0 * n + attention
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a causal LM from a Hugging Face model directory (or a hub id when online)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except OSError as exc:
+        raise LargeForgeError(f"cannot load a model from {path}: {exc}") from exc
+
+
+def model_config_from_hf(path: str | Path) -> dict[str, Any]:
+    """The raw `config.json` of a model directory."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise LargeForgeError(f"{path} is not a model directory: it has no config.json")
+    return json.loads(config_file.read_text(encoding="utf-8"))

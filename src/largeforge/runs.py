@@ -1,0 +1,63 @@
+"""Run directories and model references.
+
+A run directory `runs/<name>/` holds `recipe.yaml`, `metrics.jsonl`, `tensorboard/`,
+`checkpoints/step-N/`, `best/` and `final/`. Every command that takes a model accepts a model
+directory, a run directory (its `final/`, else `best/`, else its latest checkpoint) or a hub id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from largeforge.errors import LargeForgeError
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / RECIPE_FILE).is_file()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint named by `checkpoints/latest`, which is only ever written after the
+    checkpoint it names is complete."""
+    pointer = run_dir / CHECKPOINTS_DIR / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    target = run_dir / CHECKPOINTS_DIR / pointer.read_text(encoding="utf-8").strip()
+    return target if target.is_dir() else None
+
+
+def resolve_model_dir(ref: str | Path) -> str:
+    """Turn a model reference into something `from_pretrained` accepts.
+
+    Local paths must exist; a string that is not a local path is passed on as a hub id.
+    """
+    path = Path(ref).expanduser()
+    if path.exists():
+        if is_model_dir(path):
+            return str(path)
+        if is_run_dir(path):
+            for candidate in (path / "final", path / "best"):
+                if is_model_dir(candidate):
+                    return str(candidate)
+            ckpt = latest_checkpoint(path)
+            if ckpt is not None and is_model_dir(ckpt):
+                return str(ckpt)
+            raise LargeForgeError(f"run directory {path} has no final/, best/ or checkpoint yet")
+        raise LargeForgeError(
+            f"{path} is neither a model directory (no config.json) nor a run directory "
+            f"(no {RECIPE_FILE})"
+        )
+    text = str(ref)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise LargeForgeError(f"model {text!r} not found: no such directory")
+    return text

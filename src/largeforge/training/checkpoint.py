@@ -1,0 +1,150 @@
+"""Atomic, exactly resumable checkpoints.
+
+`checkpoints/step-N/` is a Hugging Face model directory (so any checkpoint loads in
+`transformers`) plus `training_state.pt`: optimizer, scheduler, every RNG state, the data
+position and the loop's counters. It is written into a temporary directory and renamed into
+place; only then is `checkpoints/latest` replaced (temp file + rename), so a crash at any
+moment leaves `latest` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from largeforge.errors import LargeForgeError
+from largeforge.runs import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
+
+STATE_FILE = "training_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def capture_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model_dir(model: Any, tokenizer: Any, directory: Path) -> None:
+    """Write a complete HF model directory atomically (temp dir + rename)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    training_state: dict[str, Any],
+    recipe_yaml: str,
+    keep: int,
+) -> Path:
+    """Write `checkpoints/step-N/`, point `latest` at it, and prune old checkpoints."""
+    root = run_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+        state = dict(training_state, rng=capture_rng_state())
+        torch.save(state, tmp / STATE_FILE)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_atomic_text(root / LATEST_FILE, final.name + "\n")
+    _prune(root, keep=keep, protect=final)
+    return final
+
+
+def _prune(root: Path, keep: int, protect: Path) -> None:
+    steps = sorted(
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if p.is_dir() and (m := _STEP_DIR.match(p.name))
+    )
+    for _, path in steps[:-keep]:
+        if path != protect:
+            shutil.rmtree(path, ignore_errors=True)
+    # Leftovers of a crash in the middle of a write.
+    for p in root.glob(".step-*.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def find_checkpoint(ref: str | Path | None, run_dir: Path) -> Path:
+    """`--resume` (ref None or "latest") -> the run's latest; else a checkpoint dir or run dir."""
+    if ref in (None, "latest"):
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise LargeForgeError(f"nothing to resume: {run_dir} has no complete checkpoint")
+        return ckpt
+    path = Path(ref)
+    if (path / STATE_FILE).is_file():
+        return path
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise LargeForgeError(f"--resume {path}: not a checkpoint nor a run with checkpoints")
+    return ckpt
+
+
+def load_training_state(checkpoint: Path) -> dict[str, Any]:
+    state_file = checkpoint / STATE_FILE
+    if not state_file.is_file():
+        raise LargeForgeError(f"{checkpoint} is not a complete checkpoint: no {STATE_FILE}")
+    # weights_only=False: the state holds Python RNG tuples and numpy arrays we wrote ourselves.
+    return torch.load(state_file, map_location="cpu", weights_only=False)

@@ -1,0 +1,443 @@
+"""The one training loop.
+
+Step, accumulation, clipping, schedule, evaluation, best-model tracking, checkpoints, logging and
+early stopping are written here once. What is optimised is an objective function
+(`objectives.py`); what is fed is a batch source with a `state_dict` (the data position).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from largeforge.config import Recipe, ResolvedRecipe
+from largeforge.data.loader import PretrainBatches, eval_batches
+from largeforge.data.pretrain import prepare_pretraining_data
+from largeforge.data.sources import iter_documents, resolve_sources
+from largeforge.errors import LargeForgeError
+from largeforge.hardware import (
+    autocast_dtype,
+    detect_device,
+    matmul_flops,
+    peak_fp32_flops,
+    resolve_precision,
+)
+from largeforge.models import build_model, count_parameters, flops_per_token, load_model
+from largeforge.tokenizer import MIN_VOCAB_SIZE, load_tokenizer, train_tokenizer
+from largeforge.training.checkpoint import (
+    load_training_state,
+    restore_rng_state,
+    save_checkpoint,
+    save_model_dir,
+)
+from largeforge.training.logging import MetricsLogger, ProgressReporter
+from largeforge.training.objectives import causal_lm_loss
+from largeforge.training.run_dir import claim_run_dir, write_run_state
+from largeforge.training.schedule import lr_at
+
+Batch = dict[str, torch.Tensor]
+Objective = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_dir: Path | None = None
+    best_dir: Path | None = None
+    best_val_loss: float | None = None
+    last_val_loss: float | None = None
+    stopped_early: bool = False
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    parameters: int = 0
+    verified_only: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def train(
+    recipe: Recipe | ResolvedRecipe,
+    *,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    verify_only: bool = False,
+    console: Console | None = None,
+) -> TrainResult:
+    """Pretrain (or continue pretraining) a causal LM as the recipe says.
+
+    `resume`: "latest" for the run's latest checkpoint, or a checkpoint / run directory.
+    `verify_only`: check data, tokenizer, model and output directory, then return.
+    """
+    if isinstance(recipe, ResolvedRecipe):
+        recipe = recipe.recipe
+    console = console or Console()
+    say = console.print
+    cfg_t, cfg_d = recipe.train, recipe.data
+    run_dir = recipe.run_dir
+    if resume not in (None, "latest"):
+        resume_path = Path(str(resume))
+        run_dir = resume_path.parent.parent if resume_path.parent.name == "checkpoints" else (
+            resume_path
+        )
+
+    if not cfg_d.train:
+        raise LargeForgeError("no training data: set data.train in the recipe or pass --data")
+    checkpoint = claim_run_dir(
+        run_dir, recipe, resume=resume, overwrite=overwrite, dry_run=verify_only
+    )
+    if cfg_t.threads:
+        torch.set_num_threads(cfg_t.threads)
+    device = detect_device(cfg_t.device)
+    precision = resolve_precision(cfg_t.precision, device)
+    sources = resolve_sources(cfg_d.train)
+
+    if verify_only:
+        return _verify(recipe, sources, run_dir, say)
+
+    # Tokenizer: the checkpoint's, the recipe's, the base model's, or one trained now.
+    if checkpoint is not None:
+        tokenizer = load_tokenizer(checkpoint)
+    elif recipe.tokenizer.path:
+        tokenizer = load_tokenizer(recipe.tokenizer.path)
+    elif recipe.model.from_pretrained:
+        tokenizer = load_tokenizer(recipe.model.from_pretrained)
+    else:
+        say(f"training a {recipe.tokenizer.vocab_size}-token byte-level BPE tokenizer ...")
+        started = time.perf_counter()
+        tokenizer = train_tokenizer(
+            iter_documents(sources, text_field=cfg_d.text_field, doc_separator=cfg_d.doc_separator),
+            recipe.tokenizer.vocab_size,
+            run_dir / "tokenizer",
+            min_frequency=recipe.tokenizer.min_frequency,
+        )
+        say(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - started:.1f}s")
+
+    corpus = prepare_pretraining_data(
+        cfg_d.train,
+        tokenizer,
+        text_field=cfg_d.text_field,
+        doc_separator=cfg_d.doc_separator,
+        val_percent=cfg_d.val_percent,
+        split=cfg_d.split,
+        cache_dir=cfg_d.cache_dir,
+        log=lambda text: say(text),
+    )
+    say(corpus.summary())
+
+    torch.manual_seed(cfg_t.seed)
+    if checkpoint is not None:
+        model = load_model(checkpoint)
+    elif recipe.model.from_pretrained:
+        model = load_model(recipe.model.from_pretrained)
+    else:
+        model = build_model(
+            recipe.model.resolve(len(tokenizer)),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    _check_model_fits(model, tokenizer, cfg_d.seq_len)
+    _set_generation_ids(model, tokenizer)
+    counts = count_parameters(model)
+    say(
+        f"model: {counts['total'] / 1e6:.2f}M parameters "
+        f"({counts['embedding'] / 1e6:.2f}M in the embedding table), {_shape(model)}"
+    )
+    model.to(device)
+    if cfg_t.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    runner: torch.nn.Module = torch.compile(model) if cfg_t.compile else model
+
+    optimizer = _make_optimizer(model, recipe, device)
+    batches = PretrainBatches(corpus.train, cfg_d.seq_len, cfg_t.batch_size, cfg_t.seed)
+    val = eval_batches(corpus.val, cfg_d.seq_len, cfg_t.batch_size, cfg_t.eval_batches)
+
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens_seen": 0,
+        "best_val_loss": None,
+        "best_step": None,
+        "evals_without_improvement": 0,
+    }
+    if checkpoint is not None:
+        saved = load_training_state(checkpoint)
+        optimizer.load_state_dict(saved["optimizer"])
+        batches.load_state_dict(saved["data"])
+        state.update({k: saved[k] for k in state})
+        restore_rng_state(saved["rng"])
+        say(f"resumed from {checkpoint} at step {state['step']}")
+
+    flops = flops_per_token(model, cfg_d.seq_len)
+    peak = _peak_flops(device, precision)
+    say(
+        f"device {device.type}, precision {precision}, {torch.get_num_threads()} threads; "
+        f"peak {peak / 1e9:,.0f} GFLOP/s measured"
+    )
+    logger = MetricsLogger(run_dir, resume_step=state["step"] if checkpoint else None)
+    progress = ProgressReporter(cfg_t.max_steps, state["step"], console)
+    write_run_state(run_dir, status="running", step=state["step"])
+    autocast = _autocast(device, precision)
+    min_lr = cfg_t.min_lr if cfg_t.min_lr is not None else cfg_t.lr / 10
+    save_every = cfg_t.save_every or cfg_t.eval_every
+    tokens_per_step = cfg_t.batch_size * cfg_d.seq_len * cfg_t.grad_accum
+    speeds: list[float] = []
+    mfus: list[float] = []
+    result = TrainResult(run_dir=run_dir, steps=state["step"], parameters=counts["total"])
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def save(step: int) -> None:
+        training_state = dict(
+            state, optimizer=optimizer.state_dict(), data=batches.state_dict(),
+            scheduler={"kind": "warmup-cosine", "step": step},
+        )
+        save_checkpoint(
+            run_dir, step, model, tokenizer, training_state, recipe.to_yaml(),
+            keep=cfg_t.keep_checkpoints,
+        )
+
+    def run_eval(step: int) -> float | None:
+        if not val:
+            return None
+        val_loss = evaluate(runner, val, device, autocast)
+        record = {"step": step, "val_loss": val_loss, "val_ppl": _ppl(val_loss)}
+        logger.log(record)
+        progress.update(step, record)
+        result.last_val_loss = val_loss
+        if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
+            state.update(best_val_loss=val_loss, best_step=step, evals_without_improvement=0)
+            save_model_dir(model, tokenizer, run_dir / "best")
+        else:
+            state["evals_without_improvement"] += 1
+        return val_loss
+
+    window_start = time.perf_counter()
+    window_tokens = 0
+    try:
+        while state["step"] < cfg_t.max_steps:
+            step = state["step"]
+            lr = lr_at(step, lr=cfg_t.lr, min_lr=min_lr, warmup_steps=cfg_t.warmup_steps,
+                       max_steps=cfg_t.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(cfg_t.grad_accum):
+                x, y = batches.next_batch()
+                batch = {"input_ids": x.to(device, non_blocking=True),
+                         "labels": y.to(device, non_blocking=True)}
+                with autocast:
+                    loss, _ = causal_lm_loss(runner, batch)
+                (loss / cfg_t.grad_accum).backward()
+                loss_sum += loss.detach()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, cfg_t.grad_clip)
+                if cfg_t.grad_clip > 0 else None
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            state["tokens_seen"] += tokens_per_step
+            window_tokens += tokens_per_step
+            last = step == cfg_t.max_steps
+
+            if step % cfg_t.log_every == 0 or last:
+                loss_value = (loss_sum / cfg_t.grad_accum).item()
+                if not math.isfinite(loss_value):
+                    raise LargeForgeError(
+                        f"training diverged at step {step}: loss is {loss_value}; lower train.lr"
+                        " or raise train.warmup_steps"
+                    )
+                elapsed = time.perf_counter() - window_start
+                speed = window_tokens / max(elapsed, 1e-9)
+                mfu = flops * speed / peak
+                speeds.append(speed)
+                mfus.append(mfu)
+                record = {
+                    "step": step, "loss": loss_value, "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens": state["tokens_seen"], "tokens_per_s": speed, "mfu": mfu,
+                }
+                logger.log(record)
+                progress.update(step, record)
+                window_start, window_tokens = time.perf_counter(), 0
+            else:
+                progress.update(step, None)
+
+            evaluated = step % cfg_t.eval_every == 0 or last
+            if evaluated:
+                run_eval(step)
+            patience = cfg_t.early_stopping_patience
+            stop_early = bool(patience) and state["evals_without_improvement"] >= (patience or 0)
+            if step % save_every == 0 or last or stop_early:
+                save(step)
+                write_run_state(run_dir, status="running", step=step)
+            if evaluated or step % save_every == 0:
+                window_start, window_tokens = time.perf_counter(), 0
+            if stop_early:
+                result.stopped_early = True
+                progress.message(
+                    f"early stop at step {step}: no better val loss in {patience} evaluations"
+                )
+                break
+    finally:
+        progress.close()
+        logger.close()
+
+    save_model_dir(model, tokenizer, run_dir / "final")
+    result.steps = state["step"]
+    result.final_dir = run_dir / "final"
+    result.best_dir = run_dir / "best" if (run_dir / "best").is_dir() else None
+    result.best_val_loss = state["best_val_loss"]
+    result.tokens_per_s = _median(speeds)
+    result.mfu = _median(mfus)
+    write_run_state(
+        run_dir, status="stopped_early" if result.stopped_early else "completed",
+        step=result.steps, best_val_loss=result.best_val_loss, best_step=state["best_step"],
+        last_val_loss=result.last_val_loss, median_tokens_per_s=result.tokens_per_s,
+        median_mfu=result.mfu,
+    )
+    return result
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> float:
+    """Token-weighted mean cross-entropy over fixed evaluation batches."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        with autocast or contextlib.nullcontext():
+            loss, _ = causal_lm_loss(model, {"input_ids": x.to(device), "labels": y.to(device)})
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _verify(recipe: Recipe, sources: list, run_dir: Path, say: Callable[..., None]) -> TrainResult:
+    """Everything `train` would check before its first step, without training."""
+    stats: dict[str, int] = {}
+    n_chars = 0
+    for text in iter_documents(
+        sources, text_field=recipe.data.text_field, doc_separator=recipe.data.doc_separator,
+        stats=stats,
+    ):
+        n_chars += len(text)
+    if stats.get("documents", 0) == 0:
+        raise LargeForgeError("the training data holds no non-empty document")
+    say(f"data: {len(sources)} source(s), {stats['documents']:,} documents, {n_chars:,} characters")
+    if recipe.tokenizer.path or recipe.model.from_pretrained:
+        tokenizer = load_tokenizer(recipe.tokenizer.path or recipe.model.from_pretrained)
+        vocab = len(tokenizer)
+        say(f"tokenizer: {recipe.tokenizer.path or recipe.model.from_pretrained}, {vocab} tokens")
+    else:
+        vocab = recipe.tokenizer.vocab_size
+        if vocab < MIN_VOCAB_SIZE:
+            raise LargeForgeError(
+                f"tokenizer.vocab_size {vocab} is too small: a byte-level BPE needs at least "
+                f"{MIN_VOCAB_SIZE} (256 bytes + the special tokens)"
+            )
+        say(f"tokenizer: will train a {vocab}-token byte-level BPE")
+    if recipe.model.from_pretrained:
+        model = load_model(recipe.model.from_pretrained)
+    else:
+        with torch.device("meta"):
+            model = build_model(recipe.model.resolve(vocab))
+    max_len = model.config.max_position_embeddings
+    if recipe.data.seq_len > max_len:
+        raise LargeForgeError(
+            f"data.seq_len {recipe.data.seq_len} is above the model's maximum sequence length "
+            f"{max_len}; lower data.seq_len or raise model.max_seq_len"
+        )
+    counts = count_parameters(model)
+    say(f"model: {counts['total'] / 1e6:.2f}M parameters, {_shape(model)}")
+    say(f"output: {run_dir} is free to use" if not run_dir.exists() else f"output: {run_dir} ok")
+    say("[green]verified: ready to train[/]")
+    return TrainResult(run_dir=run_dir, steps=0, parameters=counts["total"], verified_only=True)
+
+
+def _check_model_fits(model: torch.nn.Module, tokenizer: Any, seq_len: int) -> None:
+    cfg = model.config
+    if seq_len > cfg.max_position_embeddings:
+        raise LargeForgeError(
+            f"data.seq_len {seq_len} is above the model's maximum sequence length "
+            f"{cfg.max_position_embeddings}; lower data.seq_len or raise model.max_seq_len"
+        )
+    if cfg.vocab_size < len(tokenizer):
+        raise LargeForgeError(
+            f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "
+            f"({len(tokenizer)})"
+        )
+
+
+def _set_generation_ids(model: Any, tokenizer: Any) -> None:
+    """So `generate` in transformers (and ours) stops at our EOS."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(model.config, name, value)
+            setattr(model.generation_config, name, value)
+
+
+def _shape(model: Any) -> str:
+    c = model.config
+    return (
+        f"dim {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads "
+        f"({c.num_key_value_heads} kv), ffn {c.intermediate_size}, vocab {c.vocab_size}, "
+        f"max seq {c.max_position_embeddings}"
+    )
+
+
+def _make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> Any:
+    """AdamW; weight decay on matrices only (not norms or biases), as in nanoGPT."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    t = recipe.train
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _peak_flops(device: torch.device, precision: str) -> float:
+    dtype = autocast_dtype(precision)
+    if dtype is None:
+        return peak_fp32_flops(device)
+    n = 4096 if device.type == "cuda" else 1024
+    return matmul_flops(device, dtype, n=n)
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def _median(values: list[float]) -> float | None:
+    # The first logging window includes warm-up; leave it out when there are others.
+    usable = values[1:] if len(values) > 2 else values
+    if not usable:
+        return None
+    ordered = sorted(usable)
+    return ordered[len(ordered) // 2]
