@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (also used by tests)."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LARGEFORGE_DEBUG") == "1"
+    args = _default_resume(args)
     try:
         app(args=args, prog_name="largeforge", standalone_mode=False)
     except LargeForgeError as exc:
@@ -58,20 +59,42 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    except SystemExit as exc:  # typer/click usage errors and explicit exits
+    except SystemExit as exc:  # explicit exits
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
-    except Exception as exc:  # click usage errors come through as ClickException
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            return 1
-        raise
+    except Exception as exc:
+        code = _framework_exit(exc)
+        if code is None:
+            raise
+        return code
     return 0
+
+
+def _framework_exit(exc: Exception) -> int | None:
+    """The exit code of a usage error, exit or abort raised by the CLI framework, after showing
+    it; None for any other exception. Typer >= 0.2x vendors click as `typer._click`, older
+    versions raise click's own classes: both are matched by shape, not by import."""
+    name = type(exc).__name__
+    if name == "Exit":
+        return int(getattr(exc, "exit_code", 0))
+    if name == "Abort":
+        return 1
+    show = getattr(exc, "show", None)
+    if callable(show) and isinstance(getattr(exc, "exit_code", None), int):
+        show()
+        return int(exc.exit_code)  # type: ignore[attr-defined]
+    return None
+
+
+def _default_resume(args: list[str]) -> list[str]:
+    """`--resume` with no value means `--resume latest` (click options cannot take an
+    optional value, and typer dropped `flag_value`)."""
+    out: list[str] = []
+    for index, arg in enumerate(args):
+        out.append(arg)
+        following = args[index + 1] if index + 1 < len(args) else None
+        if arg == "--resume" and (following is None or following.startswith("-")):
+            out.append("latest")
+    return out
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ def train_command(
     lr: float | None = ro.LrOpt,
     seq_len: int | None = ro.SeqLenOpt,
     resume: str | None = typer.Option(
-        None, "--resume", is_flag=False, flag_value="latest",
-        help="Continue from the latest checkpoint, or from the given checkpoint or run dir.",
+        None, "--resume", metavar="[PATH]",
+        help="Continue from the latest checkpoint (no value), or from a checkpoint or run dir.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run."),
     verify_only: bool = typer.Option(
@@ -58,8 +58,6 @@ def print_summary(result: TrainResult, console: Console) -> None:
         mfu = 100 * (result.mfu or 0)
         console.print(f"median {result.tokens_per_s:,.0f} tokens/s, MFU {mfu:.1f}%")
     console.print(f"model: {result.final_dir}")
-
-
 
 
 def quickstart_command(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,7 +62,7 @@ class TrainResult:
     mfu: float | None = None
     parameters: int = 0
     verified_only: bool = False
-    notes: list[str] = field(default_factory=list)
+    model: Any = field(default=None, repr=False)  # the trained module, for library users
 
 
 def train(
@@ -90,46 +92,37 @@ def train(
 
     if not cfg_d.train:
         raise LargeForgeError("no training data: set data.train in the recipe or pass --data")
-    checkpoint = claim_run_dir(
-        run_dir, recipe, resume=resume, overwrite=overwrite, dry_run=verify_only
-    )
+    sources = resolve_sources(cfg_d.train)
+    # Check everything before touching the output directory: a run that fails to start must
+    # not have replaced (with --overwrite) or half-written anything.
+    checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite, dry_run=True)
+    if verify_only:
+        return _verify(recipe, sources, run_dir, say)
     if cfg_t.threads:
         torch.set_num_threads(cfg_t.threads)
     device = detect_device(cfg_t.device)
     precision = resolve_precision(cfg_t.precision, device)
-    sources = resolve_sources(cfg_d.train)
 
-    if verify_only:
-        return _verify(recipe, sources, run_dir, say)
-
-    # Tokenizer: the checkpoint's, the recipe's, the base model's, or one trained now.
-    if checkpoint is not None:
-        tokenizer = load_tokenizer(checkpoint)
-    elif recipe.tokenizer.path:
-        tokenizer = load_tokenizer(recipe.tokenizer.path)
-    elif recipe.model.from_pretrained:
-        tokenizer = load_tokenizer(recipe.model.from_pretrained)
-    else:
-        say(f"training a {recipe.tokenizer.vocab_size}-token byte-level BPE tokenizer ...")
-        started = time.perf_counter()
-        tokenizer = train_tokenizer(
-            iter_documents(sources, text_field=cfg_d.text_field, doc_separator=cfg_d.doc_separator),
-            recipe.tokenizer.vocab_size,
-            run_dir / "tokenizer",
-            min_frequency=recipe.tokenizer.min_frequency,
+    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.tokenizer.", dir=_parent(run_dir)))
+    try:
+        tokenizer = _tokenizer_for(recipe, checkpoint, sources, staging, say)
+        corpus = prepare_pretraining_data(
+            sources,
+            tokenizer,
+            text_field=cfg_d.text_field,
+            doc_separator=cfg_d.doc_separator,
+            val_percent=cfg_d.val_percent,
+            split=cfg_d.split,
+            cache_dir=cfg_d.cache_dir,
+            log=lambda text: say(text),
         )
-        say(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - started:.1f}s")
-
-    corpus = prepare_pretraining_data(
-        cfg_d.train,
-        tokenizer,
-        text_field=cfg_d.text_field,
-        doc_separator=cfg_d.doc_separator,
-        val_percent=cfg_d.val_percent,
-        split=cfg_d.split,
-        cache_dir=cfg_d.cache_dir,
-        log=lambda text: say(text),
-    )
+        if recipe.model.from_pretrained is None and checkpoint is None:
+            _check_seq_len(cfg_d.seq_len, recipe.model.resolve(len(tokenizer)).max_seq_len)
+        checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
+        if any(staging.iterdir()):
+            staging.rename(run_dir / "tokenizer")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     say(corpus.summary())
 
     torch.manual_seed(cfg_t.seed)
@@ -296,6 +289,7 @@ def train(
     result.final_dir = run_dir / "final"
     result.best_dir = run_dir / "best" if (run_dir / "best").is_dir() else None
     result.best_val_loss = state["best_val_loss"]
+    result.model = model
     result.tokens_per_s = _median(speeds)
     result.mfu = _median(mfus)
     write_run_state(
@@ -356,12 +350,7 @@ def _verify(recipe: Recipe, sources: list, run_dir: Path, say: Callable[..., Non
     else:
         with torch.device("meta"):
             model = build_model(recipe.model.resolve(vocab))
-    max_len = model.config.max_position_embeddings
-    if recipe.data.seq_len > max_len:
-        raise LargeForgeError(
-            f"data.seq_len {recipe.data.seq_len} is above the model's maximum sequence length "
-            f"{max_len}; lower data.seq_len or raise model.max_seq_len"
-        )
+    _check_seq_len(recipe.data.seq_len, model.config.max_position_embeddings)
     counts = count_parameters(model)
     say(f"model: {counts['total'] / 1e6:.2f}M parameters, {_shape(model)}")
     say(f"output: {run_dir} is free to use" if not run_dir.exists() else f"output: {run_dir} ok")
@@ -369,13 +358,48 @@ def _verify(recipe: Recipe, sources: list, run_dir: Path, say: Callable[..., Non
     return TrainResult(run_dir=run_dir, steps=0, parameters=counts["total"], verified_only=True)
 
 
-def _check_model_fits(model: torch.nn.Module, tokenizer: Any, seq_len: int) -> None:
-    cfg = model.config
-    if seq_len > cfg.max_position_embeddings:
+def _tokenizer_for(
+    recipe: Recipe, checkpoint: Path | None, sources: list, staging: Path,
+    say: Callable[..., None],
+) -> Any:
+    """The checkpoint's tokenizer, the recipe's, the base model's, or one trained now (into
+    `staging`, moved into the run directory once the run starts)."""
+    if checkpoint is not None:
+        return load_tokenizer(checkpoint)
+    if recipe.tokenizer.path:
+        return load_tokenizer(recipe.tokenizer.path)
+    if recipe.model.from_pretrained:
+        return load_tokenizer(recipe.model.from_pretrained)
+    say(f"training a {recipe.tokenizer.vocab_size}-token byte-level BPE tokenizer ...")
+    started = time.perf_counter()
+    shutil.rmtree(staging)
+    tokenizer = train_tokenizer(
+        iter_documents(sources, text_field=recipe.data.text_field,
+                       doc_separator=recipe.data.doc_separator),
+        recipe.tokenizer.vocab_size,
+        staging,
+        min_frequency=recipe.tokenizer.min_frequency,
+    )
+    say(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - started:.1f}s")
+    return tokenizer
+
+
+def _parent(run_dir: Path) -> Path:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    return run_dir.parent
+
+
+def _check_seq_len(seq_len: int, max_len: int) -> None:
+    if seq_len > max_len:
         raise LargeForgeError(
             f"data.seq_len {seq_len} is above the model's maximum sequence length "
-            f"{cfg.max_position_embeddings}; lower data.seq_len or raise model.max_seq_len"
+            f"{max_len}; lower data.seq_len or raise model.max_seq_len"
         )
+
+
+def _check_model_fits(model: torch.nn.Module, tokenizer: Any, seq_len: int) -> None:
+    cfg = model.config
+    _check_seq_len(seq_len, cfg.max_position_embeddings)
     if cfg.vocab_size < len(tokenizer):
         raise LargeForgeError(
             f"the model's vocabulary ({cfg.vocab_size}) is smaller than the tokenizer's "

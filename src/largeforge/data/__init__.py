@@ -1,0 +1,1 @@
+"""Data: text sources, tokenized corpora and batches."""
