@@ -44,7 +44,8 @@ def main() -> None:
         started = time.perf_counter()
         result = train(load_recipe(recipe, environ={}))
         wall = time.perf_counter() - started
-        records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().split()]
+        lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(x) for x in lines]
     evals = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     final = evals[-1][1]
     print_table(
@@ -53,12 +54,14 @@ def main() -> None:
         [["parameters", f"{result.parameters:,}"], ["iterations", args.iters],
          ["final val loss", f"{final:.4f}"], ["best val loss", f"{result.best_val_loss:.4f}"],
          ["nanoGPT reports", NANOGPT_VAL_LOSS], ["target met (<= 1.88)", final <= 1.88],
-         ["wall time", f"{wall:.0f} s"], ["median tokens/s", f"{result.tokens_per_s:,.0f}"]],
+         ["precision", result.precision], ["wall time", f"{wall:.0f} s"],
+         ["median tokens/s", f"{result.tokens_per_s:,.0f}"]],
     )
     write_result("shakespeare_char", {
         "settings": recipe, "final_val_loss": final, "best_val_loss": result.best_val_loss,
         "val_curve": evals, "nanogpt_val_loss": NANOGPT_VAL_LOSS, "target_met": final <= 1.88,
-        "wall_time_s": wall, "median_tokens_per_s": result.tokens_per_s,
+        "wall_time_s": wall, "precision": result.precision,
+        "median_tokens_per_s": result.tokens_per_s,
         "parameters": result.parameters,
     })
 

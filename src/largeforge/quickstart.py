@@ -20,10 +20,10 @@ QUICKSTART_RECIPE: dict[str, Any] = {
     "data": {"train": ["builtin:python-docs"], "seq_len": 128, "val_percent": 5.0},
     "train": {
         "batch_size": 16,
-        "max_steps": 600,
+        "max_steps": 1000,
         "lr": 2e-3,
         "warmup_steps": 50,
-        "eval_every": 200,
+        "eval_every": 250,
         "eval_batches": 20,
         "log_every": 25,
     },

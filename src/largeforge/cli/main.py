@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("LARGEFORGE_DEBUG") == "1"
     args = _default_resume(args)
+    _quiet_library_progress_bars()
     try:
         app(args=args, prog_name="largeforge", standalone_mode=False)
     except LargeForgeError as exc:
@@ -67,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return code
     return 0
+
+
+def _quiet_library_progress_bars() -> None:
+    """transformers draws a bar for every model save and load; our own progress says enough."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _framework_exit(exc: Exception) -> int | None:

@@ -256,7 +256,7 @@ def _build(
         names = ", ".join(s.name for s in sources)
         raise LargeForgeError(f"the training data holds no non-empty document ({names})")
     used_split = split
-    if val_percent > 0 and (split == "tail" or not splits["val"]):
+    if val_percent > 0 and (split == "tail" or not splits["val"] or not splits["train"]):
         used_split = "tail"
         splits["train"] += splits["val"]
         splits["train"].sort()

@@ -60,13 +60,26 @@ def write_atomic_text(path: Path, text: str) -> None:
         raise
 
 
+def _save_hf(model: Any, tokenizer: Any, directory: Path) -> None:
+    """save_pretrained without transformers' per-save progress bar (the loop has its own)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_model_dir(model: Any, tokenizer: Any, directory: Path) -> None:
     """Write a complete HF model directory atomically (temp dir + rename)."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        _save_hf(model, tokenizer, tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -98,8 +111,7 @@ def save_checkpoint(
     final = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        _save_hf(model, tokenizer, tmp)
         (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
         state = dict(training_state, rng=capture_rng_state())
         torch.save(state, tmp / STATE_FILE)

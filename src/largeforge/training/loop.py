@@ -62,6 +62,8 @@ class TrainResult:
     mfu: float | None = None
     parameters: int = 0
     verified_only: bool = False
+    device: str = ""
+    precision: str = ""
     model: Any = field(default=None, repr=False)  # the trained module, for library users
 
 
@@ -184,7 +186,8 @@ def train(
     tokens_per_step = cfg_t.batch_size * cfg_d.seq_len * cfg_t.grad_accum
     speeds: list[float] = []
     mfus: list[float] = []
-    result = TrainResult(run_dir=run_dir, steps=state["step"], parameters=counts["total"])
+    result = TrainResult(run_dir=run_dir, steps=state["step"], parameters=counts["total"],
+                         device=device.type, precision=precision)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def save(step: int) -> None:
