@@ -56,7 +56,7 @@ def largeforge_run(data: Path, tokenizer_dir: Path, out: Path, steps: int, compi
     float
 ]:
     recipe = {
-        "model": {"preset": "small"},
+        "model": {"preset": "small", "vocab_size": PRESETS["small"].vocab_size},
         "tokenizer": {"path": str(tokenizer_dir)},
         "data": {"train": [str(data)], "seq_len": SEQ},
         "train": {"batch_size": BATCH, "max_steps": steps, "log_every": 1, "eval_every": 10**6,
