@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
+import tiny_models
 from largeforge.cli.generate_cmd import register
 from largeforge.errors import LargeForgeError
 from largeforge.inference import CHATML_TEMPLATE, ChatSession, SamplingParams
@@ -25,32 +25,11 @@ GREEDY = SamplingParams(temperature=0, max_new_tokens=8)
 
 
 def make_tokenizer(*extra_special: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with <pad>, <unk>, <s>, </s> as ids 0..3, trained on a few lines."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=330,
-        special_tokens=["<pad>", "<unk>", "<s>", "</s>", *extra_special],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXT * 10, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    return tiny_models.make_tokenizer(TEXT, *extra_special)
 
 
 def make_model(vocab_size: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=vocab_size,
-        max_seq_len=512,
-    )
-    model = build_model(config, initializer_range=0.3)
-    model.generation_config.eos_token_id = 3
-    return model.eval()
+    return tiny_models.make_model(vocab_size, 512)
 
 
 @pytest.fixture(scope="module")

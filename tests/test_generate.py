@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import typer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
+import tiny_models
 from largeforge.cli.generate_cmd import register
 from largeforge.errors import LargeForgeError
 from largeforge.inference import (
@@ -25,7 +25,6 @@ from largeforge.inference import (
     stream_text,
 )
 from largeforge.inference.sampling import sample_next_token
-from largeforge.models import ModelConfig, build_model
 
 TEXT = [
     "Once upon a time there was a little fox who lived in the forest.",
@@ -36,35 +35,11 @@ MAX_SEQ_LEN = 128
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE with <pad>, <unk>, <s>, </s> as ids 0..3, trained on a few lines."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=330,
-        special_tokens=["<pad>", "<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TEXT * 10, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    return tiny_models.make_tokenizer(TEXT)
 
 
 def make_model(vocab_size: int) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = ModelConfig(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=vocab_size,
-        max_seq_len=MAX_SEQ_LEN,
-    )
-    # A wider init than training uses, so a random model's greedy output is not one token
-    # repeated, which would make the parity tests weak.
-    model = build_model(config, initializer_range=0.3)
-    model.generation_config.eos_token_id = 3
-    model.config.eos_token_id = 3
-    return model.eval()
+    return tiny_models.make_model(vocab_size, MAX_SEQ_LEN)
 
 
 @pytest.fixture(scope="module")

@@ -306,7 +306,7 @@ class _HugeVocabTokenizer:
     def get_vocab(self):
         return {f"t{i}": i for i in range(5)}
 
-    def __call__(self, batch, add_special_tokens=False):
+    def __call__(self, batch, add_special_tokens=False, split_special_tokens=False):
         return {"input_ids": [[66_000 + ord(c) for c in text] for text in batch]}
 
 
@@ -332,3 +332,17 @@ def test_token_array_basics():
             array.window(start, length)
     empty = TokenArray([])
     assert len(empty) == 0 and empty.to_numpy().size == 0
+
+
+def test_special_token_strings_in_documents_stay_text(tmp_path, tokenizer):
+    documents = ["a story that quotes </s> and <s> and <pad> as text", "second story"]
+    path = write_docs(tmp_path / "a.txt", documents)
+    corpus = prepare_pretraining_data([path], tokenizer, val_percent=0,
+                                      cache_dir=tmp_path / "cache")
+    ids = corpus.train.to_numpy().tolist()
+    specials = [(i, t) for i, t in enumerate(ids) if t < 4]
+    eos = tokenizer.eos_token_id
+    first_len = len(tokenizer(documents[0], add_special_tokens=False,
+                              split_special_tokens=True)["input_ids"])
+    assert specials == [(first_len, eos), (len(ids) - 1, eos)]
+    assert tokenizer.decode(ids[:first_len]) == documents[0]

@@ -8,14 +8,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from largeforge.hardware import hardware_report
-
 
 def doctor(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     device: str = typer.Option("auto", help="Device to inspect: auto, cpu, cuda, mps."),
 ) -> None:
     """Show Python, torch and device facts, and whether bf16 is fast here (measured)."""
+    from largeforge.hardware import hardware_report
+
     report = hardware_report(device)
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from largeforge.config import ResolvedRecipe, load_recipe
+if TYPE_CHECKING:  # imported when used, so `largeforge --help` does not load torch
+    from largeforge.config import ResolvedRecipe
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="A YAML file holding one recipe.")
 StrategyOpt = typer.Option(None, "--strategy", help="Name of a strategy in --strategy-file.")
@@ -34,6 +35,8 @@ def resolve(
     **flags: Any,
 ) -> ResolvedRecipe:
     """Map the shared flags onto their recipe keys and resolve all layers."""
+    from largeforge.config import load_recipe
+
     keys = {
         "data": "data.train",
         "preset": "model.preset",

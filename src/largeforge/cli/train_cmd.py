@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from largeforge.cli import recipe_options as ro
-from largeforge.training.loop import TrainResult, train
+
+if TYPE_CHECKING:  # imported when used, so `largeforge --help` does not load torch
+    from largeforge.training.loop import TrainResult
 
 
 def train_command(
@@ -40,6 +43,8 @@ def train_command(
         tokenizer=tokenizer, name=name, output_dir=output_dir, max_steps=max_steps,
         batch_size=batch_size, lr=lr, seq_len=seq_len,
     )
+    from largeforge.training.loop import train
+
     console = Console()
     result = train(
         resolved, resume=resume, overwrite=overwrite, verify_only=verify_only, console=console

@@ -204,7 +204,10 @@ def _encoded_documents(
     batch: list[str] = []
 
     def flush() -> Iterator[tuple[str, list[int]]]:
-        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        # A literal "</s>" in a document is text, not an end of document.
+        encoded = tokenizer(
+            batch, add_special_tokens=False, split_special_tokens=True
+        )["input_ids"]
         for text, ids in zip(batch, encoded, strict=True):
             yield text, [*ids, eos]
         batch.clear()

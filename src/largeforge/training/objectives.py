@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from largeforge.training.cross_entropy import IGNORE_INDEX, cross_entropy
 
 
 def causal_lm_loss(
@@ -17,9 +17,9 @@ def causal_lm_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy of `labels` (already shifted; IGNORE_INDEX masked) given `input_ids`."""
     logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-    labels = batch["labels"]
+    labels = batch["labels"].reshape(-1)
     # .reshape, not .view: transformers may return non-contiguous logits.
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
-    return loss, {}
+    flat = logits.reshape(-1, logits.size(-1))
+    if torch.compiler.is_compiling():  # inductor fuses the library's version itself
+        return F.cross_entropy(flat.float(), labels, ignore_index=IGNORE_INDEX), {}
+    return cross_entropy(flat, labels), {}
