@@ -10,7 +10,6 @@ temporary directory and renamed into place, so a crash never leaves a half-writt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,11 +23,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from largeforge.data.cleaning import in_eval_split
 from largeforge.data.sources import Source, fingerprint, iter_documents, resolve_sources
 from largeforge.errors import LargeForgeError
 from largeforge.tokenizer import tokenizer_fingerprint
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the document split uses cleaning.in_eval_split
 ENCODE_BATCH_DOCS = 512
 SPLITS = ("document", "tail")
 
@@ -221,8 +221,7 @@ def _encoded_documents(
 
 
 def _in_val(text: str, val_percent: float) -> bool:
-    bucket = int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:4], "big") % 10_000
-    return bucket < val_percent * 100
+    return in_eval_split(text, val_percent)
 
 
 def _build(
