@@ -35,9 +35,16 @@ def _root(
 
 def _register() -> None:
     # Imported here so `largeforge --help` stays fast and each module stays independent.
-    from largeforge.cli import config_cmd, doctor_cmd, generate_cmd, tokenizer_cmd, train_cmd
+    from largeforge.cli import (
+        config_cmd,
+        data_cmd,
+        doctor_cmd,
+        generate_cmd,
+        tokenizer_cmd,
+        train_cmd,
+    )
 
-    for module in (doctor_cmd, config_cmd, tokenizer_cmd, train_cmd, generate_cmd):
+    for module in (doctor_cmd, config_cmd, data_cmd, tokenizer_cmd, train_cmd, generate_cmd):
         module.register(app)
 
 
@@ -51,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _default_resume(args)
     _quiet_library_progress_bars()
     try:
-        app(args=args, prog_name="largeforge", standalone_mode=False)
+        # With standalone_mode=False, click returns the code of a typer.Exit instead of exiting.
+        code = app(args=args, prog_name="largeforge", standalone_mode=False)
     except LargeForgeError as exc:
         if debug:
             traceback.print_exc()
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if code is None:
             raise
         return code
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _quiet_library_progress_bars() -> None:
