@@ -106,7 +106,8 @@ def chat_command(
     chat_template: str | None = typer.Option(
         None,
         "--chat-template",
-        help="'chatml' (built in) or a Jinja file; default: the tokenizer's own template.",
+        help="A built-in template (chatml, llama-2, llama-3, alpaca, mistral, phi-3, zephyr) "
+        "or a Jinja file; default: the tokenizer's own template.",
     ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens per reply."),
     temperature: float = TemperatureOpt,

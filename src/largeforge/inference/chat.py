@@ -1,8 +1,9 @@
 """Multi-turn chat over a model with a chat template.
 
-The tokenizer's Jinja chat template turns the conversation into text; the template alone
-decides where special tokens such as BOS go (the text is encoded without adding any, as
-`apply_chat_template(tokenize=True)` does), so BOS is never doubled. Generation stops at EOS
+The tokenizer's Jinja chat template (or a built-in one from `largeforge.chat_templates`) turns
+the conversation into text, encoded without the tokenizer's special tokens; BOS is prepended
+only when the tokenizer expects one and the template did not write it, as in training, so BOS is
+never doubled. Generation stops at EOS
 and at the template's end-of-turn marker: as a token id when the marker is one token, else as
 text cut out of the reply.
 """
@@ -15,6 +16,12 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from largeforge.chat_templates import (
+    BUILTIN_TEMPLATES,
+    builtin_name,
+    get_template,
+    tokenizer_adds_bos,
+)
 from largeforge.errors import LargeForgeError
 from largeforge.inference.generate import (
     context_length,
@@ -27,34 +34,27 @@ from largeforge.inference.sampling import SamplingParams
 
 # ChatML (as Qwen and many fine-tunes use it), with plain-text markers, so it works with any
 # tokenizer: markers that are not single tokens are caught in the decoded text instead.
-CHATML_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{ '<|im_start|>assistant\\n' }}"
-    "{%- endif -%}"
-)
+CHATML_TEMPLATE = BUILTIN_TEMPLATES["chatml"]
 
-# End-of-turn markers of common template families (ChatML, Llama 3, Phi-3, Gemma).
+# End-of-turn markers of common template families (ChatML, Llama 3, Phi-3, Gemma); the families
+# that end turns with EOS (Llama 2, Mistral, Zephyr, Alpaca) stop at the model's EOS.
 END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 Message = dict[str, str]
 
 
 def resolve_chat_template(spec: str) -> str:
-    """`chatml` gives the built-in ChatML template; anything else is a Jinja file to read."""
-    if spec.strip().lower() == "chatml":
-        return CHATML_TEMPLATE
+    """A built-in template by name (chatml, llama-2, llama-3, alpaca, mistral, phi-3, zephyr);
+    anything else is a Jinja file to read."""
+    if builtin_name(spec) is not None:
+        return get_template(spec)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise LargeForgeError(
-            f"chat template {spec!r} is neither 'chatml' nor an existing Jinja file"
+            f"chat template {spec!r} is neither 'chatml' nor another built-in "
+            f"({', '.join(BUILTIN_TEMPLATES)}) nor an existing Jinja file"
         )
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
-        raise LargeForgeError(f"chat template file {path} is empty")
-    return text
+    return get_template(path)
 
 
 def cut_at_stop_strings(pieces: Iterable[str], stops: Iterable[str]) -> Iterator[str]:
@@ -159,7 +159,9 @@ class ChatSession:
             )
         except Exception as exc:  # jinja2 errors: a template that rejects these messages
             raise LargeForgeError(f"the chat template failed on this conversation: {exc}") from exc
-        return encode_prompt(self.tokenizer, text, add_bos=False)
+        # As in training (`render_for_training`): BOS only where the tokenizer expects one and
+        # the template did not write it (encode_prompt never doubles one already there).
+        return encode_prompt(self.tokenizer, text, add_bos=tokenizer_adds_bos(self.tokenizer))
 
     def send(self, user_text: str) -> Iterator[str]:
         """Stream the reply to `user_text`; once it is complete, both turns join `messages`."""
