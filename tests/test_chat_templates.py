@@ -14,6 +14,7 @@ from largeforge.chat_templates import (
     assistant_spans,
     get_template,
     render,
+    render_batch_for_training,
     render_for_training,
     save_chat_template,
     tokenizer_adds_bos,
@@ -185,6 +186,18 @@ def test_labels_cover_assistant_turns_only(name, tokenizers) -> None:
         prompt_ids = [tok.bos_token_id, *prompt_ids]
     first_target = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
     assert ids[:first_target] == prompt_ids
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_batched_rendering_equals_one_at_a_time(name, tokenizers) -> None:
+    tok = tokenizers[name, True]
+    template = get_template(name)
+    conversations = [CONVERSATION, CONVERSATION[:2], CONVERSATION[:4]]
+    batched = render_batch_for_training(tok, conversations, template, max_length=40)
+    single = [render_for_training(tok, c, template, max_length=40) for c in conversations]
+    assert batched == single
+    assert render_batch_for_training(SlowTokenizer(tok), conversations, template) == [
+        render_for_training(tok, c, template) for c in conversations]
 
 
 def test_train_on_prompt_and_max_length(tokenizers) -> None:

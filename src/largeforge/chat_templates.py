@@ -252,22 +252,13 @@ def render_for_training(
     (everywhere a target with `train_on_prompt`). Labels are aligned with the ids (the model
     shifts them). Longer than `max_length` tokens: cut at the end."""
     text, spans = assistant_spans(tokenizer, messages, template)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    bos_token = getattr(tokenizer, "bos_token", None)
-    if tokenizer_adds_bos(tokenizer) and not (bos_token and text.startswith(bos_token)):
-        input_ids.append(int(tokenizer.bos_token_id))
-        labels.append(int(tokenizer.bos_token_id) if train_on_prompt else IGNORE_INDEX)
+    input_ids, labels = _bos_prefix(tokenizer, text, train_on_prompt, tokenizer_adds_bos(tokenizer))
     if getattr(tokenizer, "is_fast", False):
         # The whole text in one encoding (the ids `apply_chat_template(tokenize=True)` gives);
         # a token is a target when its characters overlap an assistant span.
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        for token, (start, end) in zip(
-            encoded["input_ids"], encoded["offset_mapping"], strict=True
-        ):
-            target = train_on_prompt or any(start < e and end > s for s, e in spans)
-            input_ids.append(int(token))
-            labels.append(int(token) if target else IGNORE_INDEX)
+        _add_targets(input_ids, labels, encoded["input_ids"], encoded["offset_mapping"], spans,
+                     train_on_prompt)
     else:
         # No offsets: encode piece by piece at the span boundaries.
         cuts = sorted({0, len(text), *(c for span in spans for c in span)})
@@ -280,6 +271,67 @@ def render_for_training(
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return input_ids, labels
+
+
+def render_batch_for_training(
+    tokenizer: Any,
+    conversations: list[list[Message]],
+    template: str,
+    *,
+    train_on_prompt: bool = False,
+    max_length: int | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """`render_for_training` for many conversations, with one batched encoding (the Rust
+    tokenizer then works on all texts at once); the same ids and labels, conversation by
+    conversation."""
+    if not getattr(tokenizer, "is_fast", False):
+        return [render_for_training(tokenizer, m, template, train_on_prompt=train_on_prompt,
+                                    max_length=max_length) for m in conversations]
+    rendered = [assistant_spans(tokenizer, messages, template) for messages in conversations]
+    encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False,
+                        return_offsets_mapping=True)
+    out = []
+    adds_bos = tokenizer_adds_bos(tokenizer)
+    for (text, spans), ids, offsets in zip(
+        rendered, encoded["input_ids"], encoded["offset_mapping"], strict=True
+    ):
+        input_ids, labels = _bos_prefix(tokenizer, text, train_on_prompt, adds_bos)
+        _add_targets(input_ids, labels, ids, offsets, spans, train_on_prompt)
+        if max_length is not None:
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        out.append((input_ids, labels))
+    return out
+
+
+def _bos_prefix(
+    tokenizer: Any, text: str, train_on_prompt: bool, adds_bos: bool
+) -> tuple[list[int], list[int]]:
+    """BOS when the tokenizer expects one and the template did not write it; else nothing."""
+    bos_token = getattr(tokenizer, "bos_token", None)
+    if adds_bos and not (bos_token and text.startswith(bos_token)):
+        bos = int(tokenizer.bos_token_id)
+        return [bos], [bos if train_on_prompt else IGNORE_INDEX]
+    return [], []
+
+
+def _add_targets(
+    input_ids: list[int],
+    labels: list[int],
+    ids: list[int],
+    offsets: list[tuple[int, int]],
+    spans: list[tuple[int, int]],
+    train_on_prompt: bool,
+) -> None:
+    # Offsets rise through the text and spans are sorted and disjoint: one pointer suffices.
+    current = 0
+    for token, (start, end) in zip(ids, offsets, strict=True):
+        while current < len(spans) and spans[current][1] <= start:
+            current += 1
+        target = train_on_prompt or (
+            current < len(spans) and start < spans[current][1] and end > spans[current][0]
+        )
+        input_ids.append(int(token))
+        labels.append(int(token) if target else IGNORE_INDEX)
 
 
 def save_chat_template(tokenizer: Any, template: str, directory: str | Path) -> None:
