@@ -85,6 +85,16 @@ class DataSection(_Section):
     split: Literal["document", "tail"] = "document"
     seq_len: int = Field(256, gt=0)
     cache_dir: str | None = None
+    # Instruction and chat data (alpaca, sharegpt, messages); plain text is pretraining data.
+    format: Literal["auto", "text", "alpaca", "sharegpt", "messages"] = "auto"
+    chat_template: str | None = Field(
+        None, description="built-in name or Jinja file; default: the tokenizer's own, else chatml"
+    )
+    train_on_prompt: bool = False
+    packing: bool = Field(False, description="several samples per sequence, no cross-attention")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="samples longer than seq_len: cut at the end, or left out"
+    )
 
 
 class TrainSection(_Section):

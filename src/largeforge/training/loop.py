@@ -21,6 +21,13 @@ import torch
 from rich.console import Console
 
 from largeforge.config import Recipe, ResolvedRecipe
+from largeforge.data.instruct_batches import PackedBatches, PaddedBatches
+from largeforge.data.instruct_data import (
+    conversation_texts,
+    data_kind,
+    load_conversations,
+    prepare_instruction_data,
+)
 from largeforge.data.loader import PretrainBatches, eval_batches
 from largeforge.data.pretrain import prepare_pretraining_data
 from largeforge.data.sources import iter_documents, resolve_sources
@@ -40,8 +47,9 @@ from largeforge.training.checkpoint import (
     save_checkpoint,
     save_model_dir,
 )
+from largeforge.training.cross_entropy import IGNORE_INDEX
 from largeforge.training.logging import MetricsLogger, ProgressReporter
-from largeforge.training.objectives import causal_lm_loss
+from largeforge.training.objectives import causal_lm_loss, instruction_loss
 from largeforge.training.run_dir import claim_run_dir, write_run_state
 from largeforge.training.schedule import lr_at
 
@@ -94,12 +102,19 @@ def train(
 
     if not cfg_d.train:
         raise LargeForgeError("no training data: set data.train in the recipe or pass --data")
-    sources = resolve_sources(cfg_d.train)
+    kind = data_kind(cfg_d.train, cfg_d.format, cfg_d.text_field)
+    sources = resolve_sources(cfg_d.train) if kind == "pretrain" else []
     # Check everything before touching the output directory: a run that fails to start must
     # not have replaced (with --overwrite) or half-written anything.
     checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite, dry_run=True)
+    conversations: list = []
+    if kind == "instruction":
+        fmt, conversations = load_conversations(
+            cfg_d.train, cfg_d.format, text_field=cfg_d.text_field, cache_dir=cfg_d.cache_dir
+        )
+        say(f"instruction data: {len(conversations):,} {fmt} conversations")
     if verify_only:
-        return _verify(recipe, sources, run_dir, say)
+        return _verify(recipe, sources, run_dir, say, conversations)
     if cfg_t.threads:
         torch.set_num_threads(cfg_t.threads)
     device = detect_device(cfg_t.device)
@@ -107,17 +122,33 @@ def train(
 
     staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.tokenizer.", dir=_parent(run_dir)))
     try:
-        tokenizer = _tokenizer_for(recipe, checkpoint, sources, staging, say)
-        corpus = prepare_pretraining_data(
-            sources,
-            tokenizer,
-            text_field=cfg_d.text_field,
-            doc_separator=cfg_d.doc_separator,
-            val_percent=cfg_d.val_percent,
-            split=cfg_d.split,
-            cache_dir=cfg_d.cache_dir,
-            log=lambda text: say(text),
+        texts = (
+            (lambda: conversation_texts(conversations)) if kind == "instruction" else
+            (lambda: iter_documents(sources, text_field=cfg_d.text_field,
+                                    doc_separator=cfg_d.doc_separator))
         )
+        tokenizer = _tokenizer_for(recipe, checkpoint, texts, staging, say)
+        corpus: Any
+        if kind == "instruction":
+            corpus = prepare_instruction_data(
+                fmt, conversations, tokenizer, seq_len=cfg_d.seq_len,
+                chat_template=cfg_d.chat_template, train_on_prompt=cfg_d.train_on_prompt,
+                overlong=cfg_d.overlong, val_percent=cfg_d.val_percent,
+            )
+            # Saved with every checkpoint, best/ and final/: generate, chat, serving and
+            # exports use the template the model was trained with.
+            tokenizer.chat_template = corpus.template
+        else:
+            corpus = prepare_pretraining_data(
+                sources,
+                tokenizer,
+                text_field=cfg_d.text_field,
+                doc_separator=cfg_d.doc_separator,
+                val_percent=cfg_d.val_percent,
+                split=cfg_d.split,
+                cache_dir=cfg_d.cache_dir,
+                log=lambda text: say(text),
+            )
         if recipe.model.from_pretrained is None and checkpoint is None:
             _check_seq_len(cfg_d.seq_len, recipe.model.resolve(len(tokenizer)).max_seq_len)
         checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
@@ -153,8 +184,7 @@ def train(
     runner: torch.nn.Module = torch.compile(model) if cfg_t.compile else model
 
     optimizer = _make_optimizer(model, recipe, device)
-    batches = PretrainBatches(corpus.train, cfg_d.seq_len, cfg_t.batch_size, cfg_t.seed)
-    val = eval_batches(corpus.val, cfg_d.seq_len, cfg_t.batch_size, cfg_t.eval_batches)
+    batches, val, objective = _batch_sources(kind, corpus, tokenizer, recipe)
 
     state: dict[str, Any] = {
         "step": 0,
@@ -183,7 +213,6 @@ def train(
     autocast = _autocast(device, precision)
     min_lr = cfg_t.min_lr if cfg_t.min_lr is not None else cfg_t.lr / 10
     save_every = cfg_t.save_every or cfg_t.eval_every
-    tokens_per_step = cfg_t.batch_size * cfg_d.seq_len * cfg_t.grad_accum
     speeds: list[float] = []
     mfus: list[float] = []
     result = TrainResult(run_dir=run_dir, steps=state["step"], parameters=counts["total"],
@@ -203,7 +232,7 @@ def train(
     def run_eval(step: int) -> float | None:
         if not val:
             return None
-        val_loss = evaluate(runner, val, device, autocast)
+        val_loss = evaluate(runner, val, device, autocast, objective)
         record = {"step": step, "val_loss": val_loss, "val_ppl": _ppl(val_loss)}
         logger.log(record)
         progress.update(step, record)
@@ -225,12 +254,12 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            tokens_this_step = 0
             for _ in range(cfg_t.grad_accum):
-                x, y = batches.next_batch()
-                batch = {"input_ids": x.to(device, non_blocking=True),
-                         "labels": y.to(device, non_blocking=True)}
+                batch = _to_device(batches.next_batch(), device)
+                tokens_this_step += batch["input_ids"].numel()
                 with autocast:
-                    loss, _ = causal_lm_loss(runner, batch)
+                    loss, _ = objective(runner, batch)
                 (loss / cfg_t.grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = (
@@ -240,8 +269,8 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
-            state["tokens_seen"] += tokens_per_step
-            window_tokens += tokens_per_step
+            state["tokens_seen"] += tokens_this_step
+            window_tokens += tokens_this_step
             last = step == cfg_t.max_steps
 
             if step % cfg_t.log_every == 0 or last:
@@ -307,35 +336,76 @@ def train(
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[Any],
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
+    objective: Objective = causal_lm_loss,
 ) -> float:
-    """Token-weighted mean cross-entropy over fixed evaluation batches."""
+    """Mean loss over fixed evaluation batches, weighted by each batch's target tokens."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
+    for raw in batches:
+        batch = _to_device(raw, device)
+        targets = int((batch["labels"] != IGNORE_INDEX).sum())
         with autocast or contextlib.nullcontext():
-            loss, _ = causal_lm_loss(model, {"input_ids": x.to(device), "labels": y.to(device)})
-        total += loss.item() * y.numel()
-        count += y.numel()
+            loss, _ = objective(model, batch)
+        total += loss.item() * targets
+        count += targets
     model.train(was_training)
     return total / max(count, 1)
 
 
-def _verify(recipe: Recipe, sources: list, run_dir: Path, say: Callable[..., None]) -> TrainResult:
+def _to_device(batch: Any, device: torch.device) -> Batch:
+    """Pretraining batches are (x, y) pairs; instruction batches are dicts."""
+    if isinstance(batch, tuple):
+        batch = {"input_ids": batch[0], "labels": batch[1]}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _batch_sources(
+    kind: str, corpus: Any, tokenizer: Any, recipe: Recipe
+) -> tuple[Any, list[Any], Objective]:
+    """(training batches with a resumable position, fixed eval batches, objective)."""
+    cfg_d, cfg_t = recipe.data, recipe.train
+    if kind == "pretrain":
+        return (
+            PretrainBatches(corpus.train, cfg_d.seq_len, cfg_t.batch_size, cfg_t.seed),
+            eval_batches(corpus.val, cfg_d.seq_len, cfg_t.batch_size, cfg_t.eval_batches),
+            causal_lm_loss,
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_batches: Any = (
+        PackedBatches(corpus.train, cfg_d.seq_len, cfg_t.batch_size, cfg_t.seed, pad_id=pad)
+        if cfg_d.packing else PaddedBatches(corpus.train, cfg_t.batch_size, cfg_t.seed, pad_id=pad)
+    )
+    val: list[Any] = []
+    if corpus.val:
+        fixed = PaddedBatches(corpus.val, cfg_t.batch_size, 0, pad_id=pad, group_by_length=False)
+        val = [fixed.next_batch() for _ in range(min(cfg_t.eval_batches, len(fixed)))]
+    return train_batches, val, instruction_loss
+
+
+def _verify(
+    recipe: Recipe, sources: list, run_dir: Path, say: Callable[..., None],
+    conversations: list,
+) -> TrainResult:
     """Everything `train` would check before its first step, without training."""
-    stats: dict[str, int] = {}
-    n_chars = 0
-    for text in iter_documents(
-        sources, text_field=recipe.data.text_field, doc_separator=recipe.data.doc_separator,
-        stats=stats,
-    ):
-        n_chars += len(text)
-    if stats.get("documents", 0) == 0:
-        raise LargeForgeError("the training data holds no non-empty document")
-    say(f"data: {len(sources)} source(s), {stats['documents']:,} documents, {n_chars:,} characters")
+    if not sources:
+        n_chars = sum(len(text) for text in conversation_texts(conversations))
+        say(f"data: {len(conversations):,} conversations, {n_chars:,} characters")
+    else:
+        stats: dict[str, int] = {}
+        n_chars = 0
+        for text in iter_documents(
+            sources, text_field=recipe.data.text_field, doc_separator=recipe.data.doc_separator,
+            stats=stats,
+        ):
+            n_chars += len(text)
+        if stats.get("documents", 0) == 0:
+            raise LargeForgeError("the training data holds no non-empty document")
+        say(f"data: {len(sources)} source(s), {stats['documents']:,} documents, "
+            f"{n_chars:,} characters")
     if recipe.tokenizer.path or recipe.model.from_pretrained:
         tokenizer = load_tokenizer(recipe.tokenizer.path or recipe.model.from_pretrained)
         vocab = len(tokenizer)
@@ -362,7 +432,7 @@ def _verify(recipe: Recipe, sources: list, run_dir: Path, say: Callable[..., Non
 
 
 def _tokenizer_for(
-    recipe: Recipe, checkpoint: Path | None, sources: list, staging: Path,
+    recipe: Recipe, checkpoint: Path | None, texts: Callable[[], Any], staging: Path,
     say: Callable[..., None],
 ) -> Any:
     """The checkpoint's tokenizer, the recipe's, the base model's, or one trained now (into
@@ -377,8 +447,7 @@ def _tokenizer_for(
     started = time.perf_counter()
     shutil.rmtree(staging)
     tokenizer = train_tokenizer(
-        iter_documents(sources, text_field=recipe.data.text_field,
-                       doc_separator=recipe.data.doc_separator),
+        texts(),
         recipe.tokenizer.vocab_size,
         staging,
         min_frequency=recipe.tokenizer.min_frequency,
