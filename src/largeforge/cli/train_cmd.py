@@ -37,7 +37,8 @@ def train_command(
         False, "--verify-only", help="Check data, tokenizer, model and output; do not train."
     ),
 ) -> None:
-    """Pretrain a Llama-style model (or continue one) as the recipe says."""
+    """Pretrain a Llama-style model on text, or train one on instruction and chat data
+    (alpaca, sharegpt, messages), as the recipe says; or continue a run."""
     resolved = ro.resolve(
         config, strategy, strategy_file, overrides, data=data, preset=preset,
         tokenizer=tokenizer, name=name, output_dir=output_dir, max_steps=max_steps,
