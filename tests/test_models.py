@@ -81,3 +81,30 @@ def test_bad_configs():
         ModelConfig(dim=65, n_heads=4)
     with pytest.raises(ValidationError, match="divisible by n_kv_heads"):
         ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
+
+
+def test_load_model_from_directories_and_clear_errors(tmp_path, monkeypatch):
+    from largeforge.models import load_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=300,
+                                    max_seq_len=32))
+    model.save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 300, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "m")(ids).logits, model.eval()(ids).logits)
+    # a run directory resolves to its final/
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text("{}")
+    model.save_pretrained(tmp_path / "run" / "final")
+    assert load_model(tmp_path / "run").config.vocab_size == 300
+
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(LargeForgeError, match="has no weights"):
+        load_model(tmp_path / "m")
+    with pytest.raises(LargeForgeError, match="not found"):
+        load_model(tmp_path / "nowhere")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    with pytest.raises(LargeForgeError, match="not in the local Hugging Face cache"):
+        load_model("largeforge-tests/no-such-model")

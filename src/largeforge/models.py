@@ -8,6 +8,7 @@ and named presets onto `LlamaConfig`, and loads or saves model directories.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -146,12 +147,48 @@ def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
     return 6.0 * n + attention
 
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a causal LM from a Hugging Face model directory (or a hub id when online)."""
+    """Load a causal LM from a model directory, a run directory (its final/, best/ or latest
+    checkpoint) or a hub id (from the local Hugging Face cache, or downloaded when online)."""
+    from largeforge.runs import resolve_model_dir
+
+    ref = resolve_model_dir(path)
+    local = Path(ref)
+    if local.is_dir() and not any(next(local.glob(p), None) for p in WEIGHT_FILES):
+        raise LargeForgeError(
+            f"model directory {local} has no weights (model.safetensors or pytorch_model.bin); "
+            "point at a complete model directory"
+        )
+    if local.is_dir():
+        try:
+            return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+        except OSError as exc:
+            raise LargeForgeError(f"cannot load a model from {ref}: {exc}") from exc
+    try:  # a hub id: the local cache first, so no network is touched when it is there
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, local_files_only=True)
+    except OSError:
+        pass
+    missing = LargeForgeError(
+        f"model {ref!r} is not in the local Hugging Face cache and could not be downloaded; "
+        f"fetch it where there is network (`huggingface-cli download {ref}`) and copy the cache "
+        "(~/.cache/huggingface) here, or pass a local model directory"
+    )
+    if _offline():
+        raise missing
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    except OSError as exc:
-        raise LargeForgeError(f"cannot load a model from {path}: {exc}") from exc
+        return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
+    except OSError:
+        raise missing from None
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def model_config_from_hf(path: str | Path) -> dict[str, Any]:
