@@ -40,11 +40,14 @@ def _register() -> None:
         data_cmd,
         doctor_cmd,
         generate_cmd,
+        merge_cmd,
         tokenizer_cmd,
         train_cmd,
     )
 
-    for module in (doctor_cmd, config_cmd, data_cmd, tokenizer_cmd, train_cmd, generate_cmd):
+    for module in (
+        doctor_cmd, config_cmd, data_cmd, tokenizer_cmd, train_cmd, generate_cmd, merge_cmd
+    ):
         module.register(app)
 
 

@@ -68,7 +68,8 @@ def _save_hf(model: Any, tokenizer: Any, directory: Path) -> None:
     hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(directory, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
