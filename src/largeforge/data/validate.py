@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from largeforge.data.formats import (
-    RawRecord,
     RecordProblem,
     check_columns,
     check_format,
     detect_format,
     normalise_record,
-    read_records,
 )
+from largeforge.data.readers import RawRecord, read_records
 from largeforge.errors import LargeForgeError
 
 PROBLEM_KINDS = (
