@@ -82,10 +82,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quiet_library_progress_bars() -> None:
-    """transformers draws a bar for every model save and load; our own progress says enough."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
+    """transformers draws a bar for every model save and load; our own progress says enough.
+    The environment variable (read when transformers is first imported) keeps `--help` from
+    importing transformers just to switch them off; a value the user set is kept."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _framework_exit(exc: Exception) -> int | None:
