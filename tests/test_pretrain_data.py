@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import largeforge.data.pretrain as pretrain
+from largeforge.data.cleaning import in_eval_split
 from largeforge.data.pretrain import TokenArray, prepare_pretraining_data
 from largeforge.data.sources import resolve_sources
 from largeforge.errors import LargeForgeError
@@ -194,7 +195,7 @@ def test_tail_split(tmp_path, tokenizer):
 def _single_document(tokenizer_in_val):
     for i in range(1000):
         text = f"the one and only document, take {i}. " * 10
-        if pretrain._in_val(text, 10.0) == tokenizer_in_val:
+        if in_eval_split(text, 10.0) == tokenizer_in_val:
             return text
     raise AssertionError("no such document")
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from largeforge.chat_templates import get_template, render_batch_for_training
 from largeforge.data.cleaning import in_eval_split, record_text
+from largeforge.data.sources import TEXT_SUFFIXES
 from largeforge.errors import LargeForgeError
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 CONVERSATION_FORMATS = ("alpaca", "sharegpt", "messages")
 Sample = tuple[list[int], list[int]]
 

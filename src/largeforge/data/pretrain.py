@@ -220,10 +220,6 @@ def _encoded_documents(
         yield from flush()
 
 
-def _in_val(text: str, val_percent: float) -> bool:
-    return in_eval_split(text, val_percent)
-
-
 def _build(
     directory: Path,
     sources: list[Source],
@@ -247,7 +243,7 @@ def _build(
                             stats=stats)
     try:
         for text, ids in _encoded_documents(stream, tokenizer, eos):
-            name = "val" if split == "document" and _in_val(text, val_percent) else "train"
+            name = "val" if split == "document" and in_eval_split(text, val_percent) else "train"
             documents[name] += 1
             for piece in writer.write(np.asarray(ids, dtype=np.int64)):
                 _append_piece(splits[name], piece)

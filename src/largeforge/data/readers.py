@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from largeforge.data.sources import TEXT_SUFFIXES as TEXT_FILE_SUFFIXES
 from largeforge.errors import LargeForgeError
 
-TEXT_FILE_SUFFIXES = (".txt", ".md", ".rst", ".text")
 RECORD_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 DOC_SEPARATOR = "<|endoftext|>"
 # Fields (other than the text field) that tell a format apart; a CSV header needs one of them.
