@@ -103,3 +103,28 @@ def test_exact_resume_with_instruction_data(alpaca, tmp_path):
                                 environ={}), resume="latest")
     assert resumed.steps == 12
     assert metrics(resumed.run_dir) == metrics(whole.run_dir)
+
+
+def test_data_kind_decides_without_reading_text_corpora_whole(tmp_path, alpaca):
+    import datasets
+
+    from largeforge.data.instruct_data import data_kind
+
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("one document\n")
+    (corpus / "sub" / "b.md").write_text("another\n")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)))
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "yo"}]}) + "\n")
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"text": "a saved document"}]).save_to_disk(str(saved))
+    assert data_kind([str(corpus)]) == "pretrain"
+    assert data_kind([str(texts), str(corpus / "a.txt")]) == "pretrain"
+    with pytest.raises(LargeForgeError, match="mixed formats"):  # texts + chats
+        data_kind([str(tmp_path / "*.jsonl")])
+    assert data_kind([str(chats)]) == "instruction"
+    assert data_kind([str(alpaca)]) == "instruction"
+    assert data_kind([str(saved)]) == "pretrain"

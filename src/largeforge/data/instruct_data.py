@@ -5,6 +5,7 @@ counted)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from typing import Any
 
 from largeforge.chat_templates import get_template, render_batch_for_training
 from largeforge.data.cleaning import in_eval_split, record_text
-from largeforge.data.sources import TEXT_SUFFIXES
+from largeforge.data.sources import TEXT_SUFFIXES, resolve_sources
 from largeforge.errors import LargeForgeError
 
 CONVERSATION_FORMATS = ("alpaca", "sharegpt", "messages")
@@ -29,6 +30,8 @@ def data_kind(paths: Sequence[str], fmt: str = "auto", text_field: str = "text")
         return "instruction"
     if all(p.startswith("builtin:") or Path(p).suffix.lower() in TEXT_SUFFIXES for p in paths):
         return "pretrain"  # never read a text corpus twice just to learn that it is text
+    if _looks_like_streamed_text(paths, text_field):
+        return "pretrain"
     from largeforge.data.formats import detect_format, read_records
 
     detected = detect_format(read_records(list(paths), text_field=text_field), text_field)
@@ -40,6 +43,55 @@ def data_kind(paths: Sequence[str], fmt: str = "auto", text_field: str = "text")
             "not with `train`"
         )
     return "instruction"
+
+
+def _looks_like_streamed_text(paths: Sequence[str], text_field: str) -> bool:
+    """True when every input is a text file or JSONL whose first records hold `text_field`, seen
+    without reading whole files: pretraining corpora (directories, globs, big JSONL) are streamed
+    later and must not be loaded into memory to decide what they are. False means: let a full
+    read decide (and report any problem with file:line)."""
+    import glob
+
+    from largeforge.data.formats import record_format
+    from largeforge.data.readers import is_saved_dataset
+
+    for path in paths:
+        local = Path(path)
+        if not (path.startswith("builtin:") or local.exists() or glob.has_magic(path)):
+            return False  # a hub id, or a missing file the full read will name
+        if local.is_dir() and is_saved_dataset(local):
+            return False
+    try:
+        sources = resolve_sources(paths)
+    except LargeForgeError:
+        return False
+    for source in sources:
+        if source.path is None or source.path.suffix.lower() in TEXT_SUFFIXES:
+            continue
+        if source.path.suffix.lower() != ".jsonl":
+            return False
+        head = _first_records(source.path)
+        if not head or any(record_format(r, text_field) != "text" for r in head):
+            return False
+    return True
+
+
+def _first_records(path: Path, count: int = 20) -> list[dict]:
+    records: list[dict] = []
+    with path.open("rb") as handle:
+        for raw in handle:
+            if len(records) == count:
+                break
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                return []
+            if not isinstance(record, dict):
+                return []
+            records.append(record)
+    return records
 
 
 @dataclass

@@ -75,7 +75,7 @@ def _expand(
     for item in items:
         text = str(item)
         path = Path(text).expanduser()
-        if path.is_dir() and _is_saved_dataset(path):
+        if path.is_dir() and is_saved_dataset(path):
             out.append((str(path), "arrow"))
             continue
         if _looks_like_hub_id(text) and not path.exists():
@@ -88,7 +88,7 @@ def _expand(
     return out
 
 
-def _is_saved_dataset(path: Path) -> bool:
+def is_saved_dataset(path: Path) -> bool:
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
