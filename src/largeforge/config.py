@@ -79,6 +79,10 @@ class TokenizerSection(_Section):
 
 class DataSection(_Section):
     train: list[str] = Field(default_factory=list, description="files, directories or globs")
+    eval: list[str] = Field(
+        default_factory=list,
+        description="instruction data to evaluate on; unset: val_percent of train is held out",
+    )
     text_field: str = "text"
     doc_separator: str | None = "<|endoftext|>"
     val_percent: float = Field(10.0, ge=0.0, lt=100.0)
@@ -97,13 +101,37 @@ class DataSection(_Section):
     )
 
 
+class LoraSection(_Section):
+    """LoRA (and QLoRA) adapters through `peft`, used when train.method is lora or qlora."""
+
+    r: int = Field(8, gt=0, description="rank of the update matrices")
+    alpha: float = Field(16.0, gt=0, description="scaling: the update is multiplied by alpha/r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        description="module names (q_proj, v_proj, ...) or all-linear (every linear but the head)",
+    )
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: 4-bit type of the base")
+    double_quant: bool = Field(True, description="qlora: also quantise the quantisation scales")
+
+
 class TrainSection(_Section):
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full", description="train every weight, or LoRA adapters on a frozen (4-bit) base"
+    )
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_steps: int = Field(1000, gt=0)
+    num_epochs: float | None = Field(
+        None, gt=0, description="passes over the training data; when set, overrides max_steps"
+    )
     lr: float = Field(1e-3, gt=0)
     min_lr: float | None = Field(None, ge=0, description="end of the cosine; default lr/10")
     warmup_steps: int = Field(100, ge=0)
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="warmup as a fraction of all steps; overrides warmup_steps"
+    )
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
@@ -115,6 +143,9 @@ class TrainSection(_Section):
     log_every: int = Field(10, gt=0)
     early_stopping_patience: int | None = Field(
         None, gt=0, description="stop after this many evaluations without a better val loss"
+    )
+    load_best_at_end: bool = Field(
+        True, description="final/ holds the weights of the best evaluation, not the last step"
     )
     seed: int = 1337
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -133,6 +164,7 @@ class Recipe(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection = Field(default_factory=OutputSection)
 
@@ -275,17 +307,24 @@ def load_recipe(
     flags: Mapping[str, Any] | None = None,
     overrides: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    defaults_name: str = "command default",
 ) -> ResolvedRecipe:
     """Resolve a recipe from its layers; raises LargeForgeError naming the bad key and origin.
 
     `config` is a file holding one recipe (or the recipe itself as a mapping, reported as
     `config_name`); `strategy_file` holds several under `strategies:`
     (with optional shared `defaults:`), and `strategy` picks one. `flags` are dotted keys set by
-    command-line options; `overrides` are `section.key=value` strings from `--set`.
+    command-line options; `overrides` are `section.key=value` strings from `--set`. `defaults`
+    (dotted keys) sit below every other layer: a command's own defaults, such as those of SFT.
     """
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}
     default_name: str | None = None
+    if defaults:
+        layer = _nest(dict(defaults))
+        _check_keys(layer, defaults_name)
+        _merge(merged, layer, defaults_name, sources)
 
     if config is not None and strategy is not None:
         raise LargeForgeError("give either --config or --strategy, not both")

@@ -103,48 +103,57 @@ def build_model(config: ModelConfig, **hf_extra: Any) -> LlamaForCausalLM:
     return LlamaForCausalLM._from_config(hf_config, attn_implementation="sdpa", dtype=torch.float32)
 
 
-def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Total, trainable and embedding-table parameter counts (shared tensors counted once)."""
+def _numel(p: torch.Tensor) -> int:
+    """Elements of the weight a parameter stands for: a 4-bit bitsandbytes weight packs two
+    into each byte and keeps its real shape in its quantisation state."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return p.numel()
+
+
+def _unique_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     seen: set[int] = set()
-    total = trainable = 0
+    unique = []
     for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        if id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    return unique
+
+
+def count_parameters(model: torch.nn.Module) -> dict[str, int]:
+    """Total, trainable and embedding-table parameter counts (shared tensors counted once);
+    works on PEFT-wrapped and 4-bit models too."""
+    params = _unique_parameters(model)
+    total = sum(_numel(p) for p in params)
+    trainable = sum(_numel(p) for p in params if p.requires_grad)
     embedding = 0
-    if isinstance(model, PreTrainedModel):
-        emb = model.get_input_embeddings()
-        out = model.get_output_embeddings()
-        embedding = emb.weight.numel()
-        tied = out is not None and out.weight is emb.weight
-        if out is not None and not tied:
-            embedding += 0  # an untied output head is a real matmul; it is not a lookup table
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if callable(get_embeddings) and get_embeddings() is not None:
+        embedding = get_embeddings().weight.numel()
     return {"total": total, "trainable": trainable, "embedding": embedding}
 
 
-def flops_per_token(model: PreTrainedModel, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * (matmul parameters) + attention (PaLM appendix B).
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: per matmul parameter 2 forward + 2 for the input gradient + 2 for
+    its own gradient when it is trained (so 6N for full training, about 4N on a frozen LoRA
+    base), plus attention (PaLM appendix B).
 
     The input embedding is a lookup, not a matmul, so it is left out unless it is tied to the
     output head (which is a matmul over the whole vocabulary).
     """
     cfg = model.config
-    emb = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    seen: set[int] = set()
-    n = 0
-    for p in model.parameters():
-        if id(p) in seen:
+    emb = model.get_input_embeddings().weight  # type: ignore[operator]
+    out = model.get_output_embeddings()  # type: ignore[operator]
+    flops = 0.0
+    for p in _unique_parameters(model):
+        if p is emb and (out is None or out.weight is not emb):
             continue
-        seen.add(id(p))
-        n += p.numel()
-    if out is None or out.weight is not emb:
-        n -= emb.numel()
+        flops += (6.0 if p.requires_grad else 4.0) * _numel(p)
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     attention = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * seq_len
-    return 6.0 * n + attention
+    return flops + attention
 
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
@@ -152,11 +161,15 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a causal LM from a model directory, a run directory (its final/, best/ or latest
-    checkpoint) or a hub id (from the local Hugging Face cache, or downloaded when online)."""
+    checkpoint), a PEFT adapter directory (its base with the adapter merged in) or a hub id
+    (from the local Hugging Face cache, or downloaded when online)."""
+    from largeforge.adapters import is_adapter_dir, load_adapted_model
     from largeforge.runs import resolve_model_dir
 
     ref = resolve_model_dir(path)
     local = Path(ref)
+    if is_adapter_dir(local):
+        return load_adapted_model(local, dtype=dtype)
     if local.is_dir() and not any(next(local.glob(p), None) for p in WEIGHT_FILES):
         raise LargeForgeError(
             f"model directory {local} has no weights (model.safetensors or pytorch_model.bin); "

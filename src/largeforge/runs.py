@@ -18,7 +18,8 @@ LATEST_FILE = "latest"
 
 
 def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file()
+    """A Hugging Face model directory, or a PEFT adapter directory (which names its base)."""
+    return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
 def is_run_dir(path: Path) -> bool:
@@ -53,7 +54,8 @@ def resolve_model_dir(ref: str | Path) -> str:
                 return str(ckpt)
             raise LargeForgeError(f"run directory {path} has no final/, best/ or checkpoint yet")
         raise LargeForgeError(
-            f"{path} is neither a model directory (no config.json) nor a run directory "
+            f"{path} is neither a model directory (no config.json or adapter_config.json) nor "
+            f"a run directory "
             f"(no {RECIPE_FILE})"
         )
     text = str(ref)

@@ -1,4 +1,4 @@
-"""`largeforge train` and `largeforge quickstart`."""
+"""`largeforge train` (pretraining or any recipe), `largeforge train sft` and `quickstart`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # imported when used, so `largeforge --help` does not load to
 
 
 def train_command(
+    ctx: typer.Context,
     config: Path | None = ro.ConfigOpt,
     strategy: str | None = ro.StrategyOpt,
     strategy_file: Path | None = ro.StrategyFileOpt,
@@ -38,7 +39,10 @@ def train_command(
     ),
 ) -> None:
     """Pretrain a Llama-style model on text, or train one on instruction and chat data
-    (alpaca, sharegpt, messages), as the recipe says; or continue a run."""
+    (alpaca, sharegpt, messages), as the recipe says; or continue a run. `train sft` fine-tunes
+    an existing model."""
+    if ctx.invoked_subcommand is not None:
+        return
     resolved = ro.resolve(
         config, strategy, strategy_file, overrides, data=data, preset=preset,
         tokenizer=tokenizer, name=name, output_dir=output_dir, max_steps=max_steps,
@@ -52,6 +56,103 @@ def train_command(
     )
     if not result.verified_only:
         print_summary(result, console)
+
+
+def sft_command(
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Model to fine-tune: a model directory, a run or a hub id."
+    ),
+    dataset: list[str] | None = typer.Option(
+        None, "--dataset", "-d", help="Alpaca, sharegpt or messages records (repeatable)."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Run directory to write (default runs/sft)."
+    ),
+    num_epochs: float | None = typer.Option(
+        None, "--num-epochs", help="Passes over the data (default 3, unless --max-steps)."
+    ),
+    method: str | None = typer.Option(None, "--method", help="full, lora (default) or qlora."),
+    eval_dataset: list[str] | None = typer.Option(
+        None, "--eval-dataset", help="Evaluation records (default: 10% of --dataset held out)."
+    ),
+    data_format: str | None = typer.Option(
+        None, "--format", help="auto, alpaca, sharegpt or messages."
+    ),
+    chat_template: str | None = typer.Option(
+        None, "--chat-template", help="Built-in template name or a Jinja file."
+    ),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="LoRA rank (default 8)."),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (16)."),
+    lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="LoRA dropout."),
+    target_modules: str | None = typer.Option(
+        None, "--target-modules", help="Comma-separated module names, or all-linear (default)."
+    ),
+    use_dora: bool | None = typer.Option(None, "--dora/--no-dora", help="Use DoRA."),
+    max_steps: int | None = ro.MaxStepsOpt,
+    batch_size: int | None = ro.BatchSizeOpt,
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation."),
+    lr: float | None = ro.LrOpt,
+    seq_len: int | None = ro.SeqLenOpt,
+    eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate every N steps."),
+    patience: int | None = typer.Option(
+        None, "--early-stopping-patience", help="Stop after N evaluations without improvement."
+    ),
+    gradient_checkpointing: bool | None = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in the backward pass to save memory.",
+    ),
+    precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
+    config: Path | None = ro.ConfigOpt,
+    overrides: list[str] | None = ro.SetOpt,
+    resume: str | None = typer.Option(
+        None, "--resume", metavar="[PATH]",
+        help="Continue from the latest checkpoint (no value), or from a checkpoint or run dir.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run."),
+    verify_only: bool = typer.Option(
+        False, "--verify-only", help="Check data, model and output; do not train."
+    ),
+) -> None:
+    """Fine-tune an existing causal LM on instruction or chat data: full, LoRA or QLoRA.
+
+    LoRA runs save PEFT adapters (adapter_config.json + adapter_model.safetensors) in final/;
+    `largeforge merge` folds them into the base."""
+    from largeforge.training.sft import check_sft_data, resolve_sft_recipe
+
+    targets = (
+        [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
+    )
+    flags = {
+        "model.from_pretrained": model, "data.train": dataset or None,
+        "data.eval": eval_dataset or None, "data.format": data_format,
+        "data.chat_template": chat_template, "train.num_epochs": num_epochs,
+        "train.method": method, "lora.r": lora_r, "lora.alpha": lora_alpha,
+        "lora.dropout": lora_dropout, "lora.target_modules": targets, "lora.use_dora": use_dora,
+        "train.max_steps": max_steps, "train.batch_size": batch_size,
+        "train.grad_accum": grad_accum, "train.lr": lr, "data.seq_len": seq_len,
+        "train.eval_every": eval_every, "train.early_stopping_patience": patience,
+        "train.gradient_checkpointing": gradient_checkpointing, "train.precision": precision,
+    }
+    if output is None and config is None:
+        output = Path("runs") / "sft"
+    resolved = resolve_sft_recipe(
+        config, flags={k: v for k, v in flags.items() if v is not None},
+        overrides=overrides or [], output=output,
+    )
+    check_sft_data(resolved)
+    from largeforge.training.loop import train
+
+    console = Console()
+    result = train(
+        resolved, resume=resume, overwrite=overwrite, verify_only=verify_only, console=console
+    )
+    if not result.verified_only:
+        print_summary(result, console)
+        if result.model is not None and resolved.recipe.train.method != "full":
+            console.print(
+                f"adapter (PEFT format) in {result.final_dir}; merge it with: largeforge merge "
+                f"--adapter {result.final_dir} --output {result.run_dir}-merged"
+            )
 
 
 def print_summary(result: TrainResult, console: Console) -> None:
@@ -87,5 +188,11 @@ def quickstart_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train_command)
+    train_app = typer.Typer(
+        name="train", add_completion=False, pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["--help", "-h"]},
+    )
+    train_app.callback(invoke_without_command=True)(train_command)
+    train_app.command("sft")(sft_command)
+    app.add_typer(train_app, name="train")
     app.command("quickstart")(quickstart_command)

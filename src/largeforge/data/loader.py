@@ -27,6 +27,10 @@ class PretrainBatches:
         self.position = 0
         self._order = self._permutation(0)
 
+    def __len__(self) -> int:
+        """Batches per epoch (the last one borrows windows from the next epoch)."""
+        return -(-self.n_windows // self.batch_size)
+
     def _permutation(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.n_windows, generator=generator)

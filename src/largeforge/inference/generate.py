@@ -225,6 +225,7 @@ def load_for_inference(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from largeforge.adapters import is_adapter_dir, load_adapted_model
     from largeforge.hardware import detect_device
     from largeforge.runs import resolve_model_dir
 
@@ -240,10 +241,13 @@ def load_for_inference(
     except (OSError, ValueError) as exc:
         raise LargeForgeError(f"cannot load a tokenizer from {resolved}: {exc}") from exc
     target = detect_device(device or "auto")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_inference_dtype(target))
-    except (OSError, ValueError) as exc:
-        raise LargeForgeError(f"cannot load a model from {resolved}: {exc}") from exc
+    if is_adapter_dir(resolved):  # a LoRA run: its base with the adapter merged in
+        model = load_adapted_model(resolved, dtype=_inference_dtype(target))
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_inference_dtype(target))
+        except (OSError, ValueError) as exc:
+            raise LargeForgeError(f"cannot load a model from {resolved}: {exc}") from exc
     model.to(target)
     model.eval()
     return model, tokenizer

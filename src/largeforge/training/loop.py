@@ -54,6 +54,7 @@ from largeforge.training.run_dir import claim_run_dir, write_run_state
 from largeforge.training.schedule import lr_at
 
 Batch = dict[str, torch.Tensor]
+OVERFIT_RISE = 0.005  # a relative rise of eval loss below this is noise, not overfitting
 Objective = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 
 
@@ -72,6 +73,7 @@ class TrainResult:
     verified_only: bool = False
     device: str = ""
     precision: str = ""
+    overfitting_warnings: int = 0
     model: Any = field(default=None, repr=False)  # the trained module, for library users
 
 
@@ -103,16 +105,24 @@ def train(
     if not cfg_d.train:
         raise LargeForgeError("no training data: set data.train in the recipe or pass --data")
     kind = data_kind(cfg_d.train, cfg_d.format, cfg_d.text_field)
+    _check_method(recipe, kind)
     sources = resolve_sources(cfg_d.train) if kind == "pretrain" else []
     # Check everything before touching the output directory: a run that fails to start must
     # not have replaced (with --overwrite) or half-written anything.
     checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite, dry_run=True)
     conversations: list = []
+    eval_conversations: list = []
     if kind == "instruction":
         fmt, conversations = load_conversations(
             cfg_d.train, cfg_d.format, text_field=cfg_d.text_field, cache_dir=cfg_d.cache_dir
         )
         say(f"instruction data: {len(conversations):,} {fmt} conversations")
+        if cfg_d.eval:
+            _, eval_conversations = load_conversations(
+                cfg_d.eval, cfg_d.format, text_field=cfg_d.text_field, cache_dir=cfg_d.cache_dir
+            )
+            say(f"eval data: {len(eval_conversations):,} conversations from {len(cfg_d.eval)} "
+                "source(s)")
     if verify_only:
         return _verify(recipe, sources, run_dir, say, conversations)
     if cfg_t.threads:
@@ -130,11 +140,18 @@ def train(
         tokenizer = _tokenizer_for(recipe, checkpoint, texts, staging, say)
         corpus: Any
         if kind == "instruction":
+            template = cfg_d.chat_template or _default_template(recipe, fmt, tokenizer)
             corpus = prepare_instruction_data(
                 fmt, conversations, tokenizer, seq_len=cfg_d.seq_len,
-                chat_template=cfg_d.chat_template, train_on_prompt=cfg_d.train_on_prompt,
-                overlong=cfg_d.overlong, val_percent=cfg_d.val_percent,
+                chat_template=template, train_on_prompt=cfg_d.train_on_prompt,
+                overlong=cfg_d.overlong, val_percent=0.0 if cfg_d.eval else cfg_d.val_percent,
             )
+            if eval_conversations:
+                corpus.val = prepare_instruction_data(
+                    fmt, eval_conversations, tokenizer, seq_len=cfg_d.seq_len,
+                    chat_template=template, train_on_prompt=cfg_d.train_on_prompt,
+                    overlong=cfg_d.overlong, val_percent=0.0,
+                ).train
             # Saved with every checkpoint, best/ and final/: generate, chat, serving and
             # exports use the template the model was trained with.
             tokenizer.chat_template = corpus.template
@@ -159,32 +176,29 @@ def train(
     say(corpus.summary())
 
     torch.manual_seed(cfg_t.seed)
-    if checkpoint is not None:
-        model = load_model(checkpoint)
-    elif recipe.model.from_pretrained:
-        model = load_model(recipe.model.from_pretrained)
-    else:
-        model = build_model(
-            recipe.model.resolve(len(tokenizer)),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    model = _model_for_run(recipe, checkpoint, tokenizer, precision)
     _check_model_fits(model, tokenizer, cfg_d.seq_len)
     _set_generation_ids(model, tokenizer)
     counts = count_parameters(model)
+    method = cfg_t.method if recipe.model.from_pretrained else "pretrain"
     say(
         f"model: {counts['total'] / 1e6:.2f}M parameters "
-        f"({counts['embedding'] / 1e6:.2f}M in the embedding table), {_shape(model)}"
+        f"({counts['embedding'] / 1e6:.2f}M in the embedding table), {_shape(model)}; "
+        f"{method}: {counts['trainable'] / 1e6:.3f}M trainable "
+        f"({100 * counts['trainable'] / max(counts['total'], 1):.2f}%)"
     )
-    model.to(device)
+    if cfg_t.method != "qlora":  # a 4-bit model is placed when it is loaded
+        model.to(device)
     if cfg_t.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant checkpointing also works when the inputs need no gradient (a frozen
+        # embedding under LoRA).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     runner: torch.nn.Module = torch.compile(model) if cfg_t.compile else model
 
     optimizer = _make_optimizer(model, recipe, device)
     batches, val, objective = _batch_sources(kind, corpus, tokenizer, recipe)
+    max_steps = _max_steps(cfg_t, len(batches), say)
 
     state: dict[str, Any] = {
         "step": 0,
@@ -192,12 +206,13 @@ def train(
         "best_val_loss": None,
         "best_step": None,
         "evals_without_improvement": 0,
+        "last_eval": None,  # (val loss, mean train loss since the eval before), to warn
     }
     if checkpoint is not None:
         saved = load_training_state(checkpoint)
         optimizer.load_state_dict(saved["optimizer"])
         batches.load_state_dict(saved["data"])
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved.get(k, state[k]) for k in state})
         restore_rng_state(saved["rng"])
         say(f"resumed from {checkpoint} at step {state['step']}")
 
@@ -208,10 +223,14 @@ def train(
         f"peak {peak / 1e9:,.0f} GFLOP/s measured"
     )
     logger = MetricsLogger(run_dir, resume_step=state["step"] if checkpoint else None)
-    progress = ProgressReporter(cfg_t.max_steps, state["step"], console)
+    progress = ProgressReporter(max_steps, state["step"], console)
     write_run_state(run_dir, status="running", step=state["step"])
     autocast = _autocast(device, precision)
     min_lr = cfg_t.min_lr if cfg_t.min_lr is not None else cfg_t.lr / 10
+    warmup_steps = (
+        math.ceil(cfg_t.warmup_ratio * max_steps) if cfg_t.warmup_ratio is not None
+        else cfg_t.warmup_steps
+    )
     save_every = cfg_t.save_every or cfg_t.eval_every
     speeds: list[float] = []
     mfus: list[float] = []
@@ -229,7 +248,11 @@ def train(
             keep=cfg_t.keep_checkpoints,
         )
 
+    train_loss_sum = torch.zeros((), device=device)
+    train_loss_steps = 0
+
     def run_eval(step: int) -> float | None:
+        nonlocal train_loss_sum, train_loss_steps
         if not val:
             return None
         val_loss = evaluate(runner, val, device, autocast, objective)
@@ -237,6 +260,20 @@ def train(
         logger.log(record)
         progress.update(step, record)
         result.last_val_loss = val_loss
+        steps_since = train_loss_steps
+        train_loss = (train_loss_sum / max(steps_since, 1)).item()
+        train_loss_sum, train_loss_steps = torch.zeros((), device=device), 0
+        if steps_since and state["last_eval"] is not None:
+            before_val, before_train = state["last_eval"]
+            if val_loss > before_val * (1 + OVERFIT_RISE) and train_loss < before_train:
+                result.overfitting_warnings += 1
+                progress.message(
+                    f"[yellow]warning[/]: at step {step} eval loss rose ({before_val:.4f} -> "
+                    f"{val_loss:.4f}) while train loss fell ({before_train:.4f} -> "
+                    f"{train_loss:.4f}): the model is starting to overfit; fewer epochs, more "
+                    "data or train.early_stopping_patience help"
+                )
+        state["last_eval"] = (val_loss, train_loss)
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
             state.update(best_val_loss=val_loss, best_step=step, evals_without_improvement=0)
             save_model_dir(model, tokenizer, run_dir / "best")
@@ -247,10 +284,10 @@ def train(
     window_start = time.perf_counter()
     window_tokens = 0
     try:
-        while state["step"] < cfg_t.max_steps:
+        while state["step"] < max_steps:
             step = state["step"]
-            lr = lr_at(step, lr=cfg_t.lr, min_lr=min_lr, warmup_steps=cfg_t.warmup_steps,
-                       max_steps=cfg_t.max_steps)
+            lr = lr_at(step, lr=cfg_t.lr, min_lr=min_lr, warmup_steps=warmup_steps,
+                       max_steps=max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
@@ -262,6 +299,8 @@ def train(
                     loss, _ = objective(runner, batch)
                 (loss / cfg_t.grad_accum).backward()
                 loss_sum += loss.detach()
+            train_loss_sum += loss_sum / cfg_t.grad_accum
+            train_loss_steps += 1
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(params, cfg_t.grad_clip)
                 if cfg_t.grad_clip > 0 else None
@@ -271,7 +310,7 @@ def train(
             state["step"] = step = step + 1
             state["tokens_seen"] += tokens_this_step
             window_tokens += tokens_this_step
-            last = step == cfg_t.max_steps
+            last = step == max_steps
 
             if step % cfg_t.log_every == 0 or last:
                 loss_value = (loss_sum / cfg_t.grad_accum).item()
@@ -316,6 +355,15 @@ def train(
         progress.close()
         logger.close()
 
+    best_dir = run_dir / "best"
+    if cfg_t.load_best_at_end and best_dir.is_dir() and state["best_step"] not in (
+        None, state["step"]
+    ):
+        _load_weights(model, best_dir)
+        say(
+            f"final/ holds the best evaluation (step {state['best_step']}, val loss "
+            f"{state['best_val_loss']:.4f}), not the last step (train.load_best_at_end)"
+        )
     save_model_dir(model, tokenizer, run_dir / "final")
     result.steps = state["step"]
     result.final_dir = run_dir / "final"
@@ -386,6 +434,92 @@ def _batch_sources(
     return train_batches, val, instruction_loss
 
 
+def _check_method(recipe: Recipe, kind: str) -> None:
+    if recipe.train.method != "full" and not recipe.model.from_pretrained:
+        raise LargeForgeError(
+            f"train.method={recipe.train.method} adapts an existing model: set "
+            "model.from_pretrained (or --model) to a model directory, run or hub id"
+        )
+    if recipe.data.eval and kind != "instruction":
+        raise LargeForgeError(
+            "data.eval is for instruction data; pretraining text is split by data.val_percent"
+        )
+
+
+def _default_template(recipe: Recipe, fmt: str, tokenizer: Any) -> str | None:
+    """None (the tokenizer's own template) when it has one. A model trained here from scratch
+    learns chatml; an existing model without a template learns alpaca data in the Alpaca
+    prompt format, but conversations need a template named by the user."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    if not recipe.model.from_pretrained:
+        return "chatml"
+    if fmt == "alpaca":
+        return "alpaca"
+    raise LargeForgeError(
+        f"the model {recipe.model.from_pretrained} has no chat template, and {fmt} data is "
+        "rendered through one: set data.chat_template (--chat-template) to a built-in name "
+        "(chatml, llama-2, llama-3, mistral, phi-3, zephyr, alpaca) or a Jinja file"
+    )
+
+
+def _base_ref(ref: str, method: str) -> str:
+    """The base model as a path adapters can name (absolute), or a hub id."""
+    from largeforge.adapters import is_adapter_dir
+    from largeforge.runs import resolve_model_dir
+
+    resolved = resolve_model_dir(ref)
+    if Path(resolved).exists():
+        if method != "full" and is_adapter_dir(resolved):
+            raise LargeForgeError(
+                f"{ref} is a LoRA adapter: merge it into its base first (largeforge merge), "
+                "then train new adapters on the merged model"
+            )
+        return str(Path(resolved).resolve())
+    return resolved
+
+
+def _model_for_run(
+    recipe: Recipe, checkpoint: Path | None, tokenizer: Any, precision: str
+) -> Any:
+    """The model to train: resumed from `checkpoint`, an existing model (full, LoRA or QLoRA),
+    or a new one of the recipe's shape."""
+    if recipe.model.from_pretrained:
+        from largeforge.adapters import model_for_training
+
+        base = _base_ref(recipe.model.from_pretrained, recipe.train.method)
+        return model_for_training(recipe, base, precision, checkpoint)
+    if checkpoint is not None:
+        return load_model(checkpoint)
+    return build_model(
+        recipe.model.resolve(len(tokenizer)),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _max_steps(cfg_t: Any, batches_per_epoch: int, say: Callable[..., None]) -> int:
+    """train.max_steps, or the steps of train.num_epochs passes over the data when set."""
+    if cfg_t.num_epochs is None:
+        return int(cfg_t.max_steps)
+    per_epoch = max(1, math.ceil(batches_per_epoch / cfg_t.grad_accum))
+    steps = max(1, math.ceil(cfg_t.num_epochs * per_epoch))
+    say(f"{cfg_t.num_epochs:g} epoch(s) of {per_epoch} steps: {steps} steps")
+    return steps
+
+
+def _load_weights(model: Any, directory: Path) -> None:
+    """Load the weights saved in `directory` (best/) into the model being trained."""
+    from largeforge.adapters import load_adapter_weights, uses_adapters
+
+    if uses_adapters(model):
+        load_adapter_weights(model, directory)
+        return
+    saved = load_model(directory)
+    model.load_state_dict(saved.state_dict())
+
+
 def _verify(
     recipe: Recipe, sources: list, run_dir: Path, say: Callable[..., None],
     conversations: list,
@@ -442,7 +576,9 @@ def _tokenizer_for(
     if recipe.tokenizer.path:
         return load_tokenizer(recipe.tokenizer.path)
     if recipe.model.from_pretrained:
-        return load_tokenizer(recipe.model.from_pretrained)
+        from largeforge.runs import resolve_model_dir
+
+        return load_tokenizer(resolve_model_dir(recipe.model.from_pretrained))
     say(f"training a {recipe.tokenizer.vocab_size}-token byte-level BPE tokenizer ...")
     started = time.perf_counter()
     shutil.rmtree(staging)
@@ -490,9 +626,11 @@ def _set_generation_ids(model: Any, tokenizer: Any) -> None:
 
 def _shape(model: Any) -> str:
     c = model.config
+    kv = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    ffn = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or "4x"
     return (
-        f"dim {c.hidden_size}, {c.num_hidden_layers} layers, {c.num_attention_heads} heads "
-        f"({c.num_key_value_heads} kv), ffn {c.intermediate_size}, vocab {c.vocab_size}, "
+        f"{c.model_type}: dim {c.hidden_size}, {c.num_hidden_layers} layers, "
+        f"{c.num_attention_heads} heads ({kv} kv), ffn {ffn}, vocab {c.vocab_size}, "
         f"max seq {c.max_position_embeddings}"
     )
 
