@@ -64,8 +64,11 @@ def _sync(device: torch.device) -> None:
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 512, repeats: int = 5) -> float:
     """Measured FLOP/s of an n x n matmul (median of `repeats`, after one warm-up)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # A generator of its own: measuring must not move the global RNG, which training (dropout)
+    # and exact resume depend on.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=generator).to(dtype)
+    b = torch.randn(n, n, device=device, generator=generator).to(dtype)
     torch.mm(a, b)
     _sync(device)
     times = []

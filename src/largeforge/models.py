@@ -164,7 +164,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     checkpoint), a PEFT adapter directory (its base with the adapter merged in) or a hub id
     (from the local Hugging Face cache, or downloaded when online)."""
     from largeforge.adapters import is_adapter_dir, load_adapted_model
-    from largeforge.runs import resolve_model_dir
+    from largeforge.runs import not_cached_error, resolve_model_dir
 
     ref = resolve_model_dir(path)
     local = Path(ref)
@@ -184,11 +184,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
         return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, local_files_only=True)
     except OSError:
         pass
-    missing = LargeForgeError(
-        f"model {ref!r} is not in the local Hugging Face cache and could not be downloaded; "
-        f"fetch it where there is network (`huggingface-cli download {ref}`) and copy the cache "
-        "(~/.cache/huggingface) here, or pass a local model directory"
-    )
+    missing = not_cached_error(ref)
     if _offline():
         raise missing
     try:

@@ -63,3 +63,12 @@ def resolve_model_dir(ref: str | Path) -> str:
     if not looks_like_hub_id:
         raise LargeForgeError(f"model {text!r} not found: no such directory")
     return text
+
+
+def not_cached_error(hub_id: str) -> LargeForgeError:
+    """What to say when a hub id is neither in the local Hugging Face cache nor downloadable."""
+    return LargeForgeError(
+        f"model {hub_id!r} is not in the local Hugging Face cache and could not be downloaded; "
+        f"fetch it where there is network (`huggingface-cli download {hub_id}`) and copy the "
+        "cache (~/.cache/huggingface) here, or pass a local model directory"
+    )

@@ -101,6 +101,10 @@ def load_tokenizer(path: str | Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(location))
     except (OSError, ValueError) as error:
+        if not location.exists() and isinstance(error, OSError):
+            from largeforge.runs import not_cached_error
+
+            raise not_cached_error(str(path)) from None  # a hub id, offline and not cached
         raise LargeForgeError(f"cannot load a tokenizer from {path}: {error}") from None
 
 

@@ -168,16 +168,17 @@ def train(
             )
         if recipe.model.from_pretrained is None and checkpoint is None:
             _check_seq_len(cfg_d.seq_len, recipe.model.resolve(len(tokenizer)).max_seq_len)
+        # The model too is loaded (or built) before the run directory is claimed: a model
+        # without weights or adapters that do not fit it leave nothing behind.
+        torch.manual_seed(cfg_t.seed)
+        model = _model_for_run(recipe, checkpoint, tokenizer, precision)
+        _check_model_fits(model, tokenizer, cfg_d.seq_len)
         checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
         if any(staging.iterdir()):
             staging.rename(run_dir / "tokenizer")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(corpus.summary())
-
-    torch.manual_seed(cfg_t.seed)
-    model = _model_for_run(recipe, checkpoint, tokenizer, precision)
-    _check_model_fits(model, tokenizer, cfg_d.seq_len)
     _set_generation_ids(model, tokenizer)
     counts = count_parameters(model)
     method = cfg_t.method if recipe.model.from_pretrained else "pretrain"
