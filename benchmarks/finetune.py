@@ -10,7 +10,9 @@ more than training does (transformers reads the fp32 checkpoint before QLoRA qua
 the training RSS is reported too: the highest RSS sampled (every 20 ms) in the second half of
 the run, when the optimizer state and activations are all allocated. Tokens/s is the loop's
 median over its logging windows (the first left out). LoRA: r=8, alpha 16, all linear layers;
-QLoRA: the same adapters over a 4-bit NF4 base (bitsandbytes, double quantisation).
+QLoRA: the same adapters over a 4-bit NF4 base (bitsandbytes, double quantisation). "weights" is
+the model's own memory (`get_memory_footprint`: parameters and buffers): fp32 for full training,
+a bf16 base for LoRA in bf16, 4-bit linear layers for QLoRA.
 
     python benchmarks/finetune.py [--steps 30] [--precision auto|fp32|bf16]
 """
@@ -106,7 +108,9 @@ def run_one(method: str, base: Path, out: Path, steps: int, precision: str) -> d
     from largeforge.models import count_parameters
 
     counts = count_parameters(result.model)
+    weights = result.model.get_memory_footprint() / 2**20  # parameters and buffers, adapters too
     return {"method": method, "tokens_per_s": result.tokens_per_s, "precision": result.precision,
+            "weights_mib": weights,
             "trainable": counts["trainable"], "total": counts["total"],
             "peak_rss_mib": peak_rss_mib(), "training_rss_mib": sampler.second_half_peak(),
             "seconds": sampler.end - sampler.start}
@@ -145,7 +149,8 @@ def main() -> None:
     for method in METHODS:
         r = by[method]
         table.append([
-            method, r["precision"], f"{r['trainable'] / 1e6:.2f}M", f"{r['tokens_per_s']:,.0f}",
+            method, r["precision"], f"{r['trainable'] / 1e6:.2f}M", f"{r['weights_mib']:,.0f}",
+            f"{r['tokens_per_s']:,.0f}",
             f"{r['tokens_per_s'] / by['full']['tokens_per_s']:.2f}x",
             f"{r['peak_rss_mib']:,.0f}", f"{r['training_rss_mib']:,.0f}",
             f"{r['training_rss_mib'] - floor:,.0f}",
@@ -154,7 +159,7 @@ def main() -> None:
     print_table(
         f"fine-tuning the base preset ({by['full']['total'] / 1e6:.0f}M parameters), "
         f"seq {SEQ} x batch {BATCH}, {args.steps} steps; floor RSS (imports only) {floor:,.0f} MiB",
-        ["method", "precision", "trainable", "tokens/s", "vs full", "peak RSS MiB",
+        ["method", "precision", "trainable", "weights MiB", "tokens/s", "vs full", "peak RSS MiB",
          "training RSS", "above floor", "vs full"],
         table,
     )

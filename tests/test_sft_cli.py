@@ -184,3 +184,25 @@ def test_other_bad_settings(files, tmp_path):
                    "--output-dir", str(tmp_path), "--name", "c")
     assert proc.returncode == 2 and "model.from_pretrained" in proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_the_shipped_sft_recipe_runs(files, tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "sft-lora"
+    proc = run_cli("train", "sft", "--config", "recipes/sft-lora.yaml", "--output", str(out),
+                   "--set", f"model.from_pretrained={files['llama']}", "--max-steps", "3",
+                   cwd=repo)
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_verify_only_checks_the_model_template_and_targets(files, tmp_path):
+    common = ("train", "sft", "--model", str(files["phi3"]), "--dataset", str(files["messages"]),
+              "--output", str(tmp_path / "v"), "--seq-len", "64", "--verify-only")
+    ok = run_cli(*common, "--chat-template", "chatml")
+    assert ok.returncode == 0 and "verified" in ok.stdout, ok.stderr
+    assert run_cli(*common).returncode == 2  # no chat template
+    wrong = run_cli(*common, "--chat-template", "chatml", "--target-modules", "q_proj")
+    assert wrong.returncode == 2 and "qkv_proj" in wrong.stderr
+    assert not (tmp_path / "v").exists()

@@ -3,6 +3,7 @@
 The library API (the CLI is a thin layer over it):
 
     from largeforge import ModelConfig, load_recipe, train, generate, train_tokenizer
+    from largeforge import SFTTrainer, merge_adapter
 
 Names are imported lazily so that `import largeforge` and `largeforge --help` stay fast.
 """
@@ -23,6 +24,8 @@ _EXPORTS = {
     "Recipe": "largeforge.config",
     "load_recipe": "largeforge.config",
     "train": "largeforge.training.loop",
+    "SFTTrainer": "largeforge.training.sft",
+    "merge_adapter": "largeforge.merge",
     "TrainResult": "largeforge.training.loop",
     "train_tokenizer": "largeforge.tokenizer",
     "load_tokenizer": "largeforge.tokenizer",

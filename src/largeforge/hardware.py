@@ -175,3 +175,27 @@ def hardware_report(device: str = "auto") -> HardwareReport:
             for extra, pkgs in OPTIONAL_EXTRAS.items()
         },
     )
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the OS.
+
+    Loading a model (reading an fp32 checkpoint, quantising it to 4 bits, casting it to bf16) frees
+    hundreds of MB that glibc's allocator keeps mapped, so the process's RSS stays as high as at
+    the peak of loading for the whole run: 185 MB for the base preset loaded in 4 bits. Linux
+    with glibc only; elsewhere nothing happens.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)

@@ -37,6 +37,7 @@ from largeforge.hardware import (
     detect_device,
     matmul_flops,
     peak_fp32_flops,
+    release_freed_memory,
     resolve_precision,
 )
 from largeforge.models import build_model, count_parameters, flops_per_token, load_model
@@ -112,6 +113,7 @@ def train(
     checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite, dry_run=True)
     conversations: list = []
     eval_conversations: list = []
+    fmt = ""
     if kind == "instruction":
         fmt, conversations = load_conversations(
             cfg_d.train, cfg_d.format, text_field=cfg_d.text_field, cache_dir=cfg_d.cache_dir
@@ -124,7 +126,7 @@ def train(
             say(f"eval data: {len(eval_conversations):,} conversations from {len(cfg_d.eval)} "
                 "source(s)")
     if verify_only:
-        return _verify(recipe, sources, run_dir, say, conversations)
+        return _verify(recipe, sources, run_dir, say, conversations, fmt)
     if cfg_t.threads:
         torch.set_num_threads(cfg_t.threads)
     device = detect_device(cfg_t.device)
@@ -172,6 +174,7 @@ def train(
         # without weights or adapters that do not fit it leave nothing behind.
         torch.manual_seed(cfg_t.seed)
         model = _model_for_run(recipe, checkpoint, tokenizer, precision)
+        release_freed_memory()
         _check_model_fits(model, tokenizer, cfg_d.seq_len)
         checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
         if any(staging.iterdir()):
@@ -523,7 +526,7 @@ def _load_weights(model: Any, directory: Path) -> None:
 
 def _verify(
     recipe: Recipe, sources: list, run_dir: Path, say: Callable[..., None],
-    conversations: list,
+    conversations: list, fmt: str,
 ) -> TrainResult:
     """Everything `train` would check before its first step, without training."""
     if not sources:
@@ -542,9 +545,14 @@ def _verify(
         say(f"data: {len(sources)} source(s), {stats['documents']:,} documents, "
             f"{n_chars:,} characters")
     if recipe.tokenizer.path or recipe.model.from_pretrained:
-        tokenizer = load_tokenizer(recipe.tokenizer.path or recipe.model.from_pretrained)
+        from largeforge.runs import resolve_model_dir
+
+        source = recipe.tokenizer.path or resolve_model_dir(str(recipe.model.from_pretrained))
+        tokenizer = load_tokenizer(source)
         vocab = len(tokenizer)
-        say(f"tokenizer: {recipe.tokenizer.path or recipe.model.from_pretrained}, {vocab} tokens")
+        say(f"tokenizer: {source}, {vocab} tokens")
+        if conversations and not recipe.data.chat_template:
+            _default_template(recipe, fmt, tokenizer)
     else:
         vocab = recipe.tokenizer.vocab_size
         if vocab < MIN_VOCAB_SIZE:
@@ -555,6 +563,10 @@ def _verify(
         say(f"tokenizer: will train a {vocab}-token byte-level BPE")
     if recipe.model.from_pretrained:
         model = load_model(recipe.model.from_pretrained)
+        if recipe.train.method != "full":
+            from largeforge.adapters import check_target_modules
+
+            check_target_modules(model, list(recipe.lora.target_modules))
     else:
         with torch.device("meta"):
             model = build_model(recipe.model.resolve(vocab))
