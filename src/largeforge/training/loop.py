@@ -53,6 +53,12 @@ from largeforge.training.logging import MetricsLogger, ProgressReporter
 from largeforge.training.objectives import causal_lm_loss, instruction_loss
 from largeforge.training.run_dir import claim_run_dir, write_run_state
 from largeforge.training.schedule import lr_at
+from largeforge.training.setup import (
+    check_method,
+    default_template,
+    load_weights,
+    model_for_run,
+)
 
 Batch = dict[str, torch.Tensor]
 OVERFIT_RISE = 0.005  # a relative rise of eval loss below this is noise, not overfitting
@@ -106,7 +112,7 @@ def train(
     if not cfg_d.train:
         raise LargeForgeError("no training data: set data.train in the recipe or pass --data")
     kind = data_kind(cfg_d.train, cfg_d.format, cfg_d.text_field)
-    _check_method(recipe, kind)
+    check_method(recipe, kind)
     sources = resolve_sources(cfg_d.train) if kind == "pretrain" else []
     # Check everything before touching the output directory: a run that fails to start must
     # not have replaced (with --overwrite) or half-written anything.
@@ -142,7 +148,7 @@ def train(
         tokenizer = _tokenizer_for(recipe, checkpoint, texts, staging, say)
         corpus: Any
         if kind == "instruction":
-            template = cfg_d.chat_template or _default_template(recipe, fmt, tokenizer)
+            template = cfg_d.chat_template or default_template(recipe, fmt, tokenizer)
             corpus = prepare_instruction_data(
                 fmt, conversations, tokenizer, seq_len=cfg_d.seq_len,
                 chat_template=template, train_on_prompt=cfg_d.train_on_prompt,
@@ -173,7 +179,7 @@ def train(
         # The model too is loaded (or built) before the run directory is claimed: a model
         # without weights or adapters that do not fit it leave nothing behind.
         torch.manual_seed(cfg_t.seed)
-        model = _model_for_run(recipe, checkpoint, tokenizer, precision)
+        model = model_for_run(recipe, checkpoint, tokenizer, precision)
         release_freed_memory()
         _check_model_fits(model, tokenizer, cfg_d.seq_len)
         checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
@@ -363,7 +369,7 @@ def train(
     if cfg_t.load_best_at_end and best_dir.is_dir() and state["best_step"] not in (
         None, state["step"]
     ):
-        _load_weights(model, best_dir)
+        load_weights(model, best_dir)
         say(
             f"final/ holds the best evaluation (step {state['best_step']}, val loss "
             f"{state['best_val_loss']:.4f}), not the last step (train.load_best_at_end)"
@@ -438,71 +444,6 @@ def _batch_sources(
     return train_batches, val, instruction_loss
 
 
-def _check_method(recipe: Recipe, kind: str) -> None:
-    if recipe.train.method != "full" and not recipe.model.from_pretrained:
-        raise LargeForgeError(
-            f"train.method={recipe.train.method} adapts an existing model: set "
-            "model.from_pretrained (or --model) to a model directory, run or hub id"
-        )
-    if recipe.data.eval and kind != "instruction":
-        raise LargeForgeError(
-            "data.eval is for instruction data; pretraining text is split by data.val_percent"
-        )
-
-
-def _default_template(recipe: Recipe, fmt: str, tokenizer: Any) -> str | None:
-    """None (the tokenizer's own template) when it has one. A model trained here from scratch
-    learns chatml; an existing model without a template learns alpaca data in the Alpaca
-    prompt format, but conversations need a template named by the user."""
-    if getattr(tokenizer, "chat_template", None):
-        return None
-    if not recipe.model.from_pretrained:
-        return "chatml"
-    if fmt == "alpaca":
-        return "alpaca"
-    raise LargeForgeError(
-        f"the model {recipe.model.from_pretrained} has no chat template, and {fmt} data is "
-        "rendered through one: set data.chat_template (--chat-template) to a built-in name "
-        "(chatml, llama-2, llama-3, mistral, phi-3, zephyr, alpaca) or a Jinja file"
-    )
-
-
-def _base_ref(ref: str, method: str) -> str:
-    """The base model as a path adapters can name (absolute), or a hub id."""
-    from largeforge.adapters import is_adapter_dir
-    from largeforge.runs import resolve_model_dir
-
-    resolved = resolve_model_dir(ref)
-    if Path(resolved).exists():
-        if method != "full" and is_adapter_dir(resolved):
-            raise LargeForgeError(
-                f"{ref} is a LoRA adapter: merge it into its base first (largeforge merge), "
-                "then train new adapters on the merged model"
-            )
-        return str(Path(resolved).resolve())
-    return resolved
-
-
-def _model_for_run(
-    recipe: Recipe, checkpoint: Path | None, tokenizer: Any, precision: str
-) -> Any:
-    """The model to train: resumed from `checkpoint`, an existing model (full, LoRA or QLoRA),
-    or a new one of the recipe's shape."""
-    if recipe.model.from_pretrained:
-        from largeforge.adapters import model_for_training
-
-        base = _base_ref(recipe.model.from_pretrained, recipe.train.method)
-        return model_for_training(recipe, base, precision, checkpoint)
-    if checkpoint is not None:
-        return load_model(checkpoint)
-    return build_model(
-        recipe.model.resolve(len(tokenizer)),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
 def _max_steps(cfg_t: Any, batches_per_epoch: int, say: Callable[..., None]) -> int:
     """train.max_steps, or the steps of train.num_epochs passes over the data when set."""
     if cfg_t.num_epochs is None:
@@ -511,17 +452,6 @@ def _max_steps(cfg_t: Any, batches_per_epoch: int, say: Callable[..., None]) -> 
     steps = max(1, math.ceil(cfg_t.num_epochs * per_epoch))
     say(f"{cfg_t.num_epochs:g} epoch(s) of {per_epoch} steps: {steps} steps")
     return steps
-
-
-def _load_weights(model: Any, directory: Path) -> None:
-    """Load the weights saved in `directory` (best/) into the model being trained."""
-    from largeforge.adapters import load_adapter_weights, uses_adapters
-
-    if uses_adapters(model):
-        load_adapter_weights(model, directory)
-        return
-    saved = load_model(directory)
-    model.load_state_dict(saved.state_dict())
 
 
 def _verify(
@@ -552,7 +482,7 @@ def _verify(
         vocab = len(tokenizer)
         say(f"tokenizer: {source}, {vocab} tokens")
         if conversations and not recipe.data.chat_template:
-            _default_template(recipe, fmt, tokenizer)
+            default_template(recipe, fmt, tokenizer)
     else:
         vocab = recipe.tokenizer.vocab_size
         if vocab < MIN_VOCAB_SIZE:
