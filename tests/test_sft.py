@@ -137,6 +137,24 @@ def test_qlora_keeps_the_base_in_4_bits_and_its_adapter_loads_in_peft(tokenizer,
     assert (logits(plain, ids) - ours).abs().max() < 2e-2
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gradient_checkpointing_keeps_the_losses(method, tokenizer, task, tmp_path):
+    """Recomputing activations in the backward pass saves memory and changes nothing else, on a
+    frozen (or 4-bit) base whose inputs need no gradient; accumulation runs alongside."""
+    base = save_base("llama", tokenizer, tmp_path / "base")
+    runs = {}
+    for checkpointing in (False, True):
+        runs[checkpointing] = SFTTrainer(
+            str(base), str(task[0]), output_dir=tmp_path / f"gc-{checkpointing}",
+            chat_template="chatml", method=method, max_steps=6, learning_rate=1e-2,
+            batch_size=4, grad_accum=2, seq_len=64, precision="fp32",
+            overrides=[*FAST, "lora.dropout=0", f"train.gradient_checkpointing={checkpointing}"],
+        ).train()
+    assert runs[True].model.base_model.model.is_gradient_checkpointing
+    plain, checkpointed = logged(runs[False].run_dir), logged(runs[True].run_dir)
+    assert len(plain) == 6 and plain == pytest.approx(checkpointed, abs=1e-5)
+
+
 def test_eval_split_best_model_early_stopping_and_overfitting_warning(tokenizer, tmp_path):
     """Few records, many epochs, full fine-tuning: eval loss turns up while train loss falls."""
     train, held_out = split_task(24, 40, seed=3)
@@ -198,33 +216,69 @@ def test_python_api_takes_objects_and_a_peft_config(tokenizer, task, tmp_path):
         SFTTrainer(model, task[1], output_dir=tmp_path / "y")
 
 
-def test_the_model_learns_to_reverse_words(tokenizer, tmp_path):
-    """Not only a falling loss: held-out prompts answered correctly (greedy) after fine-tuning,
-    and not before."""
-    from largeforge.chat_templates import get_template
+def reverse_accuracy(model_or_run, held_out: list[dict], tokenizer=None,
+                     template: str | None = None) -> float:
+    """Share of held-out prompts whose greedy reply is exactly the words reversed, through the
+    chat path users take (`ChatSession`, the saved chat template)."""
     from largeforge.inference.chat import ChatSession
     from largeforge.inference.generate import load_for_inference
     from largeforge.inference.sampling import SamplingParams
 
+    if tokenizer is None:
+        model, tokenizer = load_for_inference(model_or_run, "cpu")
+    else:
+        model = model_or_run
+    params = SamplingParams(temperature=0.0, max_new_tokens=12)
+    right = 0
+    for record in held_out:
+        session = ChatSession(model, tokenizer, params=params, chat_template=template)
+        reply = "".join(session.send(record["messages"][0]["content"])).strip()
+        right += reply == record["messages"][1]["content"]
+    return right / len(held_out)
+
+
+LEARN = ["train.eval_every=500", "train.log_every=100", "train.warmup_steps=20"]
+
+
+def test_full_fine_tuning_learns_to_reverse_words(tokenizer, tmp_path):
+    """Not only a falling loss: held-out prompts answered correctly (greedy) after fine-tuning,
+    and not before."""
+    from largeforge.chat_templates import get_template
+
     train, held_out = split_task(3000, 50)
     base = save_base("llama", tokenizer, tmp_path / "base")
-
-    def accuracy(model, tok, template: str | None) -> float:
-        params = SamplingParams(temperature=0.0, max_new_tokens=12)
-        right = 0
-        for record in held_out:
-            session = ChatSession(model, tok, params=params, chat_template=template)
-            reply = "".join(session.send(record["messages"][0]["content"])).strip()
-            right += reply == record["messages"][1]["content"]
-        return right / len(held_out)
-
-    before = accuracy(AutoModelForCausalLM.from_pretrained(base), tokenizer,
-                      get_template("chatml"))
+    before = reverse_accuracy(AutoModelForCausalLM.from_pretrained(base), held_out, tokenizer,
+                              get_template("chatml"))
     result = SFTTrainer(
         str(base), train, output_dir=tmp_path / "run", chat_template="chatml", method="full",
         max_steps=1500, learning_rate=3e-3, batch_size=16, seq_len=64, precision="fp32",
-        overrides=["train.eval_every=250", "train.log_every=50", "train.warmup_steps=20"],
+        overrides=LEARN,
     ).train()
-    model, tok = load_for_inference(result.run_dir, "cpu")  # the saved model and its template
-    after = accuracy(model, tok, None)
+    after = reverse_accuracy(result.run_dir, held_out)  # the saved model and its template
+    assert before < 0.10 and after >= 0.90, (before, after)
+
+
+def test_lora_teaches_a_model_that_copies_to_reverse(tokenizer, tmp_path):
+    """The LoRA path on a base that already knows the chat format: a tiny model first trained
+    (fully) to repeat the words, then LoRA adapters on its frozen weights to reverse them."""
+    train, held_out = split_task(3000, 50)
+    copying = [{"messages": [r["messages"][0], {"role": "assistant",
+                                                "content": r["messages"][0]["content"]}]}
+               for r in train]
+    base = save_base("llama", tokenizer, tmp_path / "base")
+    copier = SFTTrainer(
+        str(base), copying, output_dir=tmp_path / "copy", chat_template="chatml", method="full",
+        max_steps=1000, learning_rate=3e-3, batch_size=16, seq_len=64, precision="fp32",
+        overrides=LEARN,
+    ).train()
+    before = reverse_accuracy(copier.run_dir, held_out)
+    result = SFTTrainer(
+        str(copier.run_dir), train, output_dir=tmp_path / "reverse",
+        lora_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                               target_modules="all-linear"),
+        max_steps=2000, learning_rate=5e-3, batch_size=16, seq_len=64, precision="fp32",
+        overrides=LEARN,
+    ).train()
+    assert (result.run_dir / "final" / "adapter_model.safetensors").is_file()
+    after = reverse_accuracy(result.run_dir, held_out)  # base + adapter, merged on load
     assert before < 0.10 and after >= 0.90, (before, after)
