@@ -105,6 +105,9 @@ def test_load_model_from_directories_and_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(LargeForgeError, match="not found"):
         load_model(tmp_path / "nowhere")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable when imported: tell it too, or it retries the network
+    # for 20 s before giving up.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
     with pytest.raises(LargeForgeError, match="not in the local Hugging Face cache"):
         load_model("largeforge-tests/no-such-model")
