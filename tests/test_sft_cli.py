@@ -206,3 +206,13 @@ def test_verify_only_checks_the_model_template_and_targets(files, tmp_path):
     wrong = run_cli(*common, "--chat-template", "chatml", "--target-modules", "q_proj")
     assert wrong.returncode == 2 and "qkv_proj" in wrong.stderr
     assert not (tmp_path / "v").exists()
+
+
+def test_config_show_resolves_sft_defaults_and_their_origin():
+    proc = run_cli("config", "show", "--sft", "--format", "json", "--set", "train.method=full")
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["key"]: (row["value"], row["source"]) for row in json.loads(proc.stdout)}
+    assert rows["train.method"] == ("full", "--set train.method=full")
+    assert rows["train.lr"] == (2e-5, "train sft default (full)")  # a tenth of LoRA's
+    assert rows["train.num_epochs"] == (3.0, "train sft default")
+    assert rows["lora.target_modules"] == (["all-linear"], "default")

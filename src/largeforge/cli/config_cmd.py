@@ -27,13 +27,26 @@ def show(
     lr: float | None = ro.LrOpt,
     seq_len: int | None = ro.SeqLenOpt,
     fmt: str = typer.Option("table", "--format", help="table, yaml or json"),
+    sft: bool = typer.Option(
+        False, "--sft", help="Resolve as `train sft` does, over its own defaults."
+    ),
 ) -> None:
     """Print the resolved recipe: defaults < file < environment < flags < --set."""
-    resolved = ro.resolve(
-        config, strategy, strategy_file, overrides, data=data, preset=preset,
-        tokenizer=tokenizer, name=name, output_dir=output_dir, max_steps=max_steps,
-        batch_size=batch_size, lr=lr, seq_len=seq_len,
+    flags = dict(
+        data=data, preset=preset, tokenizer=tokenizer, name=name, output_dir=output_dir,
+        max_steps=max_steps, batch_size=batch_size, lr=lr, seq_len=seq_len,
     )
+    if sft:
+        from largeforge.errors import LargeForgeError
+        from largeforge.training.sft import resolve_sft_recipe
+
+        if strategy or strategy_file:
+            raise LargeForgeError("--sft takes --config, not --strategy")
+        resolved = resolve_sft_recipe(
+            config, flags=ro.dotted_flags(**flags), overrides=overrides or [], require=False
+        )
+    else:
+        resolved = ro.resolve(config, strategy, strategy_file, overrides, **flags)
     if fmt == "yaml":
         print(resolved.recipe.to_yaml(), end="")
         return

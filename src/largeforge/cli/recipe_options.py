@@ -27,6 +27,24 @@ LrOpt = typer.Option(None, "--lr", help="Peak learning rate.")
 SeqLenOpt = typer.Option(None, "--seq-len", help="Training sequence length in tokens.")
 
 
+FLAG_KEYS = {
+    "data": "data.train",
+    "preset": "model.preset",
+    "tokenizer": "tokenizer.path",
+    "name": "output.name",
+    "output_dir": "output.dir",
+    "max_steps": "train.max_steps",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "seq_len": "data.seq_len",
+}
+
+
+def dotted_flags(**flags: Any) -> dict[str, Any]:
+    """The shared flags that were given, as dotted recipe keys."""
+    return {FLAG_KEYS[k]: v for k, v in flags.items() if v not in (None, [])}
+
+
 def resolve(
     config: Path | None,
     strategy: str | None,
@@ -37,22 +55,10 @@ def resolve(
     """Map the shared flags onto their recipe keys and resolve all layers."""
     from largeforge.config import load_recipe
 
-    keys = {
-        "data": "data.train",
-        "preset": "model.preset",
-        "tokenizer": "tokenizer.path",
-        "name": "output.name",
-        "output_dir": "output.dir",
-        "max_steps": "train.max_steps",
-        "batch_size": "train.batch_size",
-        "lr": "train.lr",
-        "seq_len": "data.seq_len",
-    }
-    dotted = {keys[k]: v for k, v in flags.items() if v not in (None, [])}
     return load_recipe(
         config,
         strategy=strategy,
         strategy_file=strategy_file,
-        flags=dotted,
+        flags=dotted_flags(**flags),
         overrides=overrides or [],
     )

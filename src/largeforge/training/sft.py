@@ -53,10 +53,12 @@ def resolve_sft_recipe(
     overrides: Sequence[str] = (),
     output: str | Path | None = None,
     environ: Mapping[str, str] | None = None,
+    require: bool = True,
 ) -> ResolvedRecipe:
     """An SFT recipe from its layers: SFT defaults < file < environment < flags < --set.
 
     `output` is the run directory itself (its parent becomes output.dir, its name output.name).
+    `require`: a model and data must be named (False to only show what resolves).
     """
     flags = dict(flags or {})
     if output is not None:
@@ -73,6 +75,8 @@ def resolve_sft_recipe(
     if "train.max_steps" not in sources and "train.num_epochs" not in sources:
         recipe.train.num_epochs = DEFAULT_EPOCHS
         sources["train.num_epochs"] = "train sft default"
+    if not require:
+        return resolved
     if not recipe.model.from_pretrained:
         raise LargeForgeError(
             "SFT needs a model to fine-tune: pass --model (a model directory, a run or a hub id) "
