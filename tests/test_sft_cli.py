@@ -216,3 +216,16 @@ def test_config_show_resolves_sft_defaults_and_their_origin():
     assert rows["train.lr"] == (2e-5, "train sft default (full)")  # a tenth of LoRA's
     assert rows["train.num_epochs"] == (3.0, "train sft default")
     assert rows["lora.target_modules"] == (["all-linear"], "default")
+
+
+def test_default_sequence_length_fits_the_model(files):
+    from largeforge.training.sft import resolve_sft_recipe
+
+    resolved = resolve_sft_recipe(flags={"model.from_pretrained": str(files["llama"]),
+                                         "data.train": [str(files["messages"])]}, environ={})
+    assert resolved.recipe.data.seq_len == 256  # the tiny model's context, not 1024
+    assert resolved.sources["data.seq_len"] == "train sft default (the model's context)"
+    given = resolve_sft_recipe(flags={"model.from_pretrained": str(files["llama"]),
+                                      "data.train": [str(files["messages"])],
+                                      "data.seq_len": 512}, environ={})
+    assert given.recipe.data.seq_len == 512  # what the user asks for is kept (and checked later)

@@ -84,7 +84,31 @@ def resolve_sft_recipe(
         )
     if not recipe.data.train:
         raise LargeForgeError("SFT needs data: pass --dataset FILE or set data.train")
+    if sources.get("data.seq_len") == "train sft default":
+        context = _model_context(recipe.model.from_pretrained)
+        if context is not None and context < recipe.data.seq_len:
+            recipe.data.seq_len = context
+            sources["data.seq_len"] = "train sft default (the model's context)"
     return resolved
+
+
+def _model_context(ref: str) -> int | None:
+    """The model's maximum sequence length from its config, when it can be read here; None
+    otherwise (loading the model later reports what is wrong)."""
+    from transformers import AutoConfig
+
+    from largeforge.adapters import adapter_base, is_adapter_dir
+    from largeforge.runs import resolve_model_dir
+
+    try:
+        resolved = resolve_model_dir(ref)
+        if is_adapter_dir(resolved):
+            resolved = adapter_base(resolved) or resolved
+        config = AutoConfig.from_pretrained(resolved, local_files_only=True)
+    except (LargeForgeError, OSError, ValueError):
+        return None
+    context = getattr(config, "max_position_embeddings", None)
+    return int(context) if context else None
 
 
 def check_sft_data(resolved: ResolvedRecipe) -> None:
