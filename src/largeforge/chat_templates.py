@@ -247,11 +247,14 @@ def render_for_training(
     *,
     train_on_prompt: bool = False,
     max_length: int | None = None,
+    last_turns: int | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels for one conversation; labels are -100 outside assistant turns
-    (everywhere a target with `train_on_prompt`). Labels are aligned with the ids (the model
-    shifts them). Longer than `max_length` tokens: cut at the end."""
+    (everywhere a target with `train_on_prompt`; only in the last `last_turns` assistant turns
+    when given, as preference pairs need). Labels are aligned with the ids (the model shifts
+    them). Longer than `max_length` tokens: cut at the end."""
     text, spans = assistant_spans(tokenizer, messages, template)
+    spans = spans[-last_turns:] if last_turns else spans
     input_ids, labels = _bos_prefix(tokenizer, text, train_on_prompt, tokenizer_adds_bos(tokenizer))
     if getattr(tokenizer, "is_fast", False):
         # The whole text in one encoding (the ids `apply_chat_template(tokenize=True)` gives);
@@ -280,14 +283,19 @@ def render_batch_for_training(
     *,
     train_on_prompt: bool = False,
     max_length: int | None = None,
+    last_turns: int | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """`render_for_training` for many conversations, with one batched encoding (the Rust
     tokenizer then works on all texts at once); the same ids and labels, conversation by
     conversation."""
     if not getattr(tokenizer, "is_fast", False):
         return [render_for_training(tokenizer, m, template, train_on_prompt=train_on_prompt,
-                                    max_length=max_length) for m in conversations]
-    rendered = [assistant_spans(tokenizer, messages, template) for messages in conversations]
+                                    max_length=max_length, last_turns=last_turns)
+                for m in conversations]
+    rendered = []
+    for messages in conversations:
+        text, spans = assistant_spans(tokenizer, messages, template)
+        rendered.append((text, spans[-last_turns:] if last_turns else spans))
     encoded = tokenizer([text for text, _ in rendered], add_special_tokens=False,
                         return_offsets_mapping=True)
     out = []

@@ -116,9 +116,20 @@ class LoraSection(_Section):
     double_quant: bool = Field(True, description="qlora: also quantise the quantisation scales")
 
 
+class PreferenceSection(_Section):
+    """DPO and ORPO, used when train.objective is dpo or orpo."""
+
+    beta: float = Field(0.1, gt=0, description="DPO: KL strength; ORPO: weight of the odds ratio")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="DPO: conservative DPO")
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO loss variant")
+
+
 class TrainSection(_Section):
     method: Literal["full", "lora", "qlora"] = Field(
         "full", description="train every weight, or LoRA adapters on a frozen (4-bit) base"
+    )
+    objective: Literal["lm", "dpo", "orpo"] = Field(
+        "lm", description="next-token loss, or preference optimisation on chosen/rejected pairs"
     )
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
@@ -165,6 +176,7 @@ class Recipe(_Section):
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     data: DataSection = Field(default_factory=DataSection)
     lora: LoraSection = Field(default_factory=LoraSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection = Field(default_factory=OutputSection)
 

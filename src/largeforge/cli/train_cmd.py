@@ -59,6 +59,7 @@ def train_command(
 
 
 def sft_command(
+    ctx: typer.Context,
     model: str | None = typer.Option(
         None, "--model", "-m", help="Model to fine-tune: a model directory, a run or a hub id."
     ),
@@ -102,6 +103,9 @@ def sft_command(
         help="Recompute activations in the backward pass to save memory.",
     ),
     precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
+    beta: float | None = typer.Option(
+        None, "--beta", help="dpo: KL strength (0.1); orpo: odds-ratio weight (0.1)."
+    ),
     config: Path | None = ro.ConfigOpt,
     overrides: list[str] | None = ro.SetOpt,
     resume: str | None = typer.Option(
@@ -117,7 +121,12 @@ def sft_command(
 
     LoRA runs save PEFT adapters (adapter_config.json + adapter_model.safetensors) in final/;
     `largeforge merge` folds them into the base."""
+    from largeforge.errors import LargeForgeError
     from largeforge.training.sft import check_sft_data, resolve_sft_recipe
+
+    objective = {"dpo": "dpo", "orpo": "orpo"}.get(ctx.info_name or "", "lm")
+    if beta is not None and objective == "lm":
+        raise LargeForgeError("--beta is for `train dpo` and `train orpo`")
 
     targets = (
         [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
@@ -132,14 +141,16 @@ def sft_command(
         "train.grad_accum": grad_accum, "train.lr": lr, "data.seq_len": seq_len,
         "train.eval_every": eval_every, "train.early_stopping_patience": patience,
         "train.gradient_checkpointing": gradient_checkpointing, "train.precision": precision,
+        "train.objective": objective if objective != "lm" else None, "preference.beta": beta,
     }
     if output is None and config is None:
-        output = Path("runs") / "sft"
+        output = Path("runs") / (ctx.info_name or "sft")
     resolved = resolve_sft_recipe(
         config, flags={k: v for k, v in flags.items() if v is not None},
         overrides=overrides or [], output=output,
     )
-    check_sft_data(resolved)
+    if resolved.recipe.train.objective == "lm":
+        check_sft_data(resolved)
     from largeforge.training.loop import train
 
     console = Console()
@@ -194,5 +205,15 @@ def register(app: typer.Typer) -> None:
     )
     train_app.callback(invoke_without_command=True)(train_command)
     train_app.command("sft")(sft_command)
+    train_app.command(
+        "dpo", help="Direct preference optimisation of an (SFT) model on chosen/rejected pairs: "
+        "sigmoid loss with --beta, --set preference.label_smoothing=..., or "
+        "--set preference.loss_type=ipo. LoRA runs use the base with adapters off as the "
+        "reference; full runs a frozen copy. Takes every `train sft` option.",
+    )(sft_command)
+    train_app.command(
+        "orpo", help="ORPO: the SFT loss on the chosen completions plus --beta times the "
+        "odds-ratio loss; no reference model. Takes every `train sft` option.",
+    )(sft_command)
     app.add_typer(train_app, name="train")
     app.command("quickstart")(quickstart_command)

@@ -42,7 +42,7 @@ def _check_samples(samples: Sequence[Sample]) -> None:
             raise LargeForgeError(f"sample {i} is empty")
 
 
-def _permutation(n: int, seed: int) -> list[int]:
+def seeded_permutation(n: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=generator).tolist()
 
@@ -120,7 +120,7 @@ class PaddedBatches(_EpochBatches):
         super().__init__(samples, seed)
 
     def _plan(self, epoch: int) -> list[list[int]]:
-        order = _permutation(len(self.samples), self.seed + epoch)
+        order = seeded_permutation(len(self.samples), self.seed + epoch)
         if not self.group_by_length:
             return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         size = self.mega_batch_mult * self.batch_size
@@ -184,7 +184,7 @@ class PackedBatches(_EpochBatches):
         rows: list[list[int]] = []
         row: list[int] = []
         used = 0
-        for i in _permutation(len(self.samples), self.seed + epoch):
+        for i in seeded_permutation(len(self.samples), self.seed + epoch):
             n = self._length(i)
             if row and used + n > self.seq_len:
                 rows.append(row)

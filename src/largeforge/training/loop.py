@@ -29,6 +29,12 @@ from largeforge.data.instruct_data import (
     prepare_instruction_data,
 )
 from largeforge.data.loader import PretrainBatches, eval_batches
+from largeforge.data.preference_data import (
+    PreferenceBatches,
+    eval_pair_batches,
+    load_preferences,
+    prepare_preference_data,
+)
 from largeforge.data.pretrain import prepare_pretraining_data
 from largeforge.data.sources import iter_documents, resolve_sources
 from largeforge.errors import LargeForgeError
@@ -58,6 +64,7 @@ from largeforge.training.setup import (
     default_template,
     load_weights,
     model_for_run,
+    preference_objective,
 )
 
 Batch = dict[str, torch.Tensor]
@@ -111,7 +118,10 @@ def train(
 
     if not cfg_d.train:
         raise LargeForgeError("no training data: set data.train in the recipe or pass --data")
-    kind = data_kind(cfg_d.train, cfg_d.format, cfg_d.text_field)
+    kind = (
+        "preference" if cfg_t.objective != "lm"
+        else data_kind(cfg_d.train, cfg_d.format, cfg_d.text_field)
+    )
     check_method(recipe, kind)
     sources = resolve_sources(cfg_d.train) if kind == "pretrain" else []
     # Check everything before touching the output directory: a run that fails to start must
@@ -131,6 +141,17 @@ def train(
             )
             say(f"eval data: {len(eval_conversations):,} conversations from {len(cfg_d.eval)} "
                 "source(s)")
+    preferences: list = []
+    eval_preferences: list = []
+    if kind == "preference":
+        fmt = "preference"
+        preferences = load_preferences(cfg_d.train, cache_dir=cfg_d.cache_dir)
+        eval_preferences = (
+            load_preferences(cfg_d.eval, cache_dir=cfg_d.cache_dir) if cfg_d.eval else []
+        )
+        say(f"preference data: {len(preferences):,} pairs"
+            + (f", {len(eval_preferences):,} to evaluate on" if cfg_d.eval else ""))
+        conversations = [pair["prompt"] + pair["chosen"] for pair in preferences]
     if verify_only:
         return _verify(recipe, sources, run_dir, say, conversations, fmt)
     if cfg_t.threads:
@@ -141,7 +162,7 @@ def train(
     staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.tokenizer.", dir=_parent(run_dir)))
     try:
         texts = (
-            (lambda: conversation_texts(conversations)) if kind == "instruction" else
+            (lambda: conversation_texts(conversations)) if kind != "pretrain" else
             (lambda: iter_documents(sources, text_field=cfg_d.text_field,
                                     doc_separator=cfg_d.doc_separator))
         )
@@ -162,6 +183,18 @@ def train(
                 ).train
             # Saved with every checkpoint, best/ and final/: generate, chat, serving and
             # exports use the template the model was trained with.
+            tokenizer.chat_template = corpus.template
+        elif kind == "preference":
+            template = cfg_d.chat_template or default_template(recipe, fmt, tokenizer)
+            corpus = prepare_preference_data(
+                preferences, tokenizer, seq_len=cfg_d.seq_len, chat_template=template,
+                val_percent=0.0 if cfg_d.eval else cfg_d.val_percent,
+            )
+            if eval_preferences:
+                corpus.val = prepare_preference_data(
+                    eval_preferences, tokenizer, seq_len=cfg_d.seq_len, chat_template=template,
+                    val_percent=0.0,
+                ).train
             tokenizer.chat_template = corpus.template
         else:
             corpus = prepare_pretraining_data(
@@ -208,6 +241,8 @@ def train(
 
     optimizer = _make_optimizer(model, recipe, device)
     batches, val, objective = _batch_sources(kind, corpus, tokenizer, recipe)
+    if objective is None:
+        objective = preference_objective(recipe, model)
     max_steps = _max_steps(cfg_t, len(batches), say)
 
     state: dict[str, Any] = {
@@ -301,14 +336,17 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
+            step_metrics: dict[str, float] = {}
             tokens_this_step = 0
             for _ in range(cfg_t.grad_accum):
                 batch = _to_device(batches.next_batch(), device)
                 tokens_this_step += batch["input_ids"].numel()
                 with autocast:
-                    loss, _ = objective(runner, batch)
+                    loss, metrics = objective(runner, batch)
                 (loss / cfg_t.grad_accum).backward()
                 loss_sum += loss.detach()
+                for key, value in metrics.items():  # averaged over the micro-batches
+                    step_metrics[key] = step_metrics.get(key, 0.0) + value / cfg_t.grad_accum
             train_loss_sum += loss_sum / cfg_t.grad_accum
             train_loss_steps += 1
             grad_norm = (
@@ -338,6 +376,7 @@ def train(
                     "step": step, "loss": loss_value, "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens": state["tokens_seen"], "tokens_per_s": speed, "mfu": mfu,
+                    **step_metrics,
                 }
                 logger.log(record)
                 progress.update(step, record)
@@ -423,7 +462,7 @@ def _to_device(batch: Any, device: torch.device) -> Batch:
 
 def _batch_sources(
     kind: str, corpus: Any, tokenizer: Any, recipe: Recipe
-) -> tuple[Any, list[Any], Objective]:
+) -> tuple[Any, list[Any], Objective | None]:
     """(training batches with a resumable position, fixed eval batches, objective)."""
     cfg_d, cfg_t = recipe.data, recipe.train
     if kind == "pretrain":
@@ -433,6 +472,12 @@ def _batch_sources(
             causal_lm_loss,
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if kind == "preference":  # the objective needs the model (its reference): built later
+        return (
+            PreferenceBatches(corpus.train, cfg_t.batch_size, cfg_t.seed, pad_id=pad),
+            eval_pair_batches(corpus.val, cfg_t.batch_size, cfg_t.eval_batches, pad),
+            None,
+        )
     train_batches: Any = (
         PackedBatches(corpus.train, cfg_d.seq_len, cfg_t.batch_size, cfg_t.seed, pad_id=pad)
         if cfg_d.packing else PaddedBatches(corpus.train, cfg_t.batch_size, cfg_t.seed, pad_id=pad)

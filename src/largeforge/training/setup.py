@@ -19,6 +19,11 @@ def check_method(recipe: Recipe, kind: str) -> None:
             f"train.method={recipe.train.method} adapts an existing model: set "
             "model.from_pretrained (or --model) to a model directory, run or hub id"
         )
+    if recipe.train.objective != "lm" and not recipe.model.from_pretrained:
+        raise LargeForgeError(
+            f"train.objective={recipe.train.objective} tunes an existing (instruction-tuned) "
+            "model: set model.from_pretrained (or --model)"
+        )
     if recipe.data.eval and kind != "instruction":
         raise LargeForgeError(
             "data.eval is for instruction data; pretraining text is split by data.val_percent"
@@ -87,3 +92,24 @@ def load_weights(model: Any, directory: Path) -> None:
         return
     saved = load_model(directory)
     model.load_state_dict(saved.state_dict())
+
+
+def preference_objective(recipe: Recipe, model: Any) -> Any:
+    """DPO against a frozen copy (full training) or the adapters switched off (LoRA, QLoRA);
+    ORPO, which needs no reference."""
+    from largeforge.adapters import uses_adapters
+    from largeforge.training.preference import DPOObjective, ORPOObjective
+
+    cfg = recipe.preference
+    if recipe.train.objective == "orpo":
+        return ORPOObjective(beta=cfg.beta)
+    if uses_adapters(model):
+        return DPOObjective(beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                            loss_type=cfg.loss_type, adapters_off=model.disable_adapter)
+    # The model the run started from, also when it resumes from a later checkpoint.
+    base = base_model_ref(str(recipe.model.from_pretrained), recipe.train.method)
+    reference = load_model(base).to(next(model.parameters()).device).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return DPOObjective(beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                        loss_type=cfg.loss_type, reference=reference)

@@ -43,6 +43,8 @@ SFT_DEFAULTS: dict[str, Any] = {
     "data.seq_len": 1024,
 }
 FULL_LR = 2e-5  # full fine-tuning moves every weight: a tenth of the LoRA rate
+# DPO and ORPO start from a tuned model and push on a margin: lower rates (TRL: 1e-6 full).
+PREFERENCE_LR = {False: 5e-5, True: 1e-6}  # keyed by "full"
 DEFAULT_EPOCHS = 3.0
 
 
@@ -69,9 +71,15 @@ def resolve_sft_recipe(
         defaults_name="train sft default",
     )
     recipe, sources = resolved.recipe, resolved.sources
-    if sources.get("train.lr") == "train sft default" and recipe.train.method == "full":
-        recipe.train.lr = FULL_LR
-        sources["train.lr"] = "train sft default (full)"
+    if sources.get("train.lr") == "train sft default":
+        preference = recipe.train.objective != "lm"
+        full = recipe.train.method == "full"
+        if preference or full:
+            recipe.train.lr = PREFERENCE_LR[full] if preference else FULL_LR
+            sources["train.lr"] = (
+                f"train sft default ({recipe.train.objective + ', ' if preference else ''}"
+                f"{recipe.train.method})"
+            )
     if "train.max_steps" not in sources and "train.num_epochs" not in sources:
         recipe.train.num_epochs = DEFAULT_EPOCHS
         sources["train.num_epochs"] = "train sft default"
