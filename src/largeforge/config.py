@@ -124,12 +124,23 @@ class PreferenceSection(_Section):
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO loss variant")
 
 
+class DistillSection(_Section):
+    """Knowledge distillation, used when train.objective is distill."""
+
+    teacher: str | None = Field(None, description="the teacher: a model directory, run or hub id")
+    temperature: float = Field(1.0, gt=0, description="softens both distributions (T)")
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="weight of the KL term; 1 - alpha weighs cross-entropy"
+    )
+
+
 class TrainSection(_Section):
     method: Literal["full", "lora", "qlora"] = Field(
         "full", description="train every weight, or LoRA adapters on a frozen (4-bit) base"
     )
-    objective: Literal["lm", "dpo", "orpo"] = Field(
-        "lm", description="next-token loss, or preference optimisation on chosen/rejected pairs"
+    objective: Literal["lm", "dpo", "orpo", "distill"] = Field(
+        "lm", description="next-token loss, preference optimisation on chosen/rejected pairs, "
+        "or distillation from distill.teacher"
     )
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
@@ -177,6 +188,7 @@ class Recipe(_Section):
     data: DataSection = Field(default_factory=DataSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection = Field(default_factory=OutputSection)
 

@@ -166,6 +166,61 @@ def sft_command(
             )
 
 
+def distill_command(
+    teacher: str = typer.Option(..., "--teacher", help="The teacher: model dir, run or hub id."),
+    student: str = typer.Option(
+        ..., "--student", help="The student: a model dir, run or hub id, or a preset name "
+        "(tiny, small, medium, base) built with the teacher's tokenizer."
+    ),
+    dataset: list[str] | None = typer.Option(
+        None, "--dataset", "-d", help="Text or instruction data (repeatable)."
+    ),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run directory to write."),
+    temperature: float | None = typer.Option(None, "--temperature", help="Softening T (1.0)."),
+    alpha: float | None = typer.Option(
+        None, "--alpha", help="Weight of the KL term (0.5); 1 - alpha weighs cross-entropy."
+    ),
+    method: str | None = typer.Option(None, "--method", help="full (default) or lora."),
+    max_steps: int | None = ro.MaxStepsOpt,
+    num_epochs: float | None = typer.Option(None, "--num-epochs", help="Passes over the data."),
+    batch_size: int | None = ro.BatchSizeOpt,
+    lr: float | None = ro.LrOpt,
+    seq_len: int | None = ro.SeqLenOpt,
+    precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
+    config: Path | None = ro.ConfigOpt,
+    overrides: list[str] | None = ro.SetOpt,
+    resume: str | None = typer.Option(
+        None, "--resume", metavar="[PATH]",
+        help="Continue from the latest checkpoint (no value), or from a checkpoint or run dir.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run."),
+) -> None:
+    """Distil a teacher into a student: KL to the teacher's softened distribution (temperature T)
+    mixed with cross-entropy by alpha; the two must share a tokenizer."""
+    from largeforge.config import load_recipe
+    from largeforge.models import PRESETS
+    from largeforge.runs import resolve_model_dir
+
+    if student in PRESETS:
+        model_keys = {"model.preset": student, "tokenizer.path": resolve_model_dir(teacher)}
+    else:
+        model_keys = {"model.from_pretrained": student}
+    out = output or Path("runs") / "distill"
+    flags = {
+        **model_keys, "train.objective": "distill", "distill.teacher": teacher,
+        "distill.temperature": temperature, "distill.alpha": alpha, "data.train": dataset,
+        "train.method": method, "train.max_steps": max_steps, "train.num_epochs": num_epochs,
+        "train.batch_size": batch_size, "train.lr": lr, "data.seq_len": seq_len,
+        "train.precision": precision, "output.dir": str(out.parent), "output.name": out.name,
+    }
+    resolved = load_recipe(config, flags={k: v for k, v in flags.items() if v is not None},
+                           overrides=overrides or [])
+    from largeforge.training.loop import train
+
+    console = Console()
+    print_summary(train(resolved, resume=resume, overwrite=overwrite, console=console), console)
+
+
 def print_summary(result: TrainResult, console: Console) -> None:
     console.print(f"[bold green]done[/]: {result.steps} steps in {result.run_dir}")
     if result.best_val_loss is not None:
@@ -215,5 +270,6 @@ def register(app: typer.Typer) -> None:
         "orpo", help="ORPO: the SFT loss on the chosen completions plus --beta times the "
         "odds-ratio loss; no reference model. Takes every `train sft` option.",
     )(sft_command)
+    train_app.command("distill")(distill_command)
     app.add_typer(train_app, name="train")
     app.command("quickstart")(quickstart_command)

@@ -61,7 +61,9 @@ from largeforge.training.run_dir import claim_run_dir, write_run_state
 from largeforge.training.schedule import lr_at
 from largeforge.training.setup import (
     check_method,
+    check_teacher_tokenizer,
     default_template,
+    distill_objective,
     load_weights,
     model_for_run,
     preference_objective,
@@ -119,7 +121,7 @@ def train(
     if not cfg_d.train:
         raise LargeForgeError("no training data: set data.train in the recipe or pass --data")
     kind = (
-        "preference" if cfg_t.objective != "lm"
+        "preference" if cfg_t.objective in ("dpo", "orpo")
         else data_kind(cfg_d.train, cfg_d.format, cfg_d.text_field)
     )
     check_method(recipe, kind)
@@ -211,6 +213,8 @@ def train(
             _check_seq_len(cfg_d.seq_len, recipe.model.resolve(len(tokenizer)).max_seq_len)
         # The model too is loaded (or built) before the run directory is claimed: a model
         # without weights or adapters that do not fit it leave nothing behind.
+        if cfg_t.objective == "distill":
+            check_teacher_tokenizer(recipe, tokenizer)
         torch.manual_seed(cfg_t.seed)
         model = model_for_run(recipe, checkpoint, tokenizer, precision)
         release_freed_memory()
@@ -243,6 +247,9 @@ def train(
     batches, val, objective = _batch_sources(kind, corpus, tokenizer, recipe)
     if objective is None:
         objective = preference_objective(recipe, model)
+    eval_objective = objective  # distillation is judged by the student's own loss
+    if cfg_t.objective == "distill":
+        objective = distill_objective(recipe, device, shifted=kind == "pretrain")
     max_steps = _max_steps(cfg_t, len(batches), say)
 
     state: dict[str, Any] = {
@@ -300,7 +307,7 @@ def train(
         nonlocal train_loss_sum, train_loss_steps
         if not val:
             return None
-        val_loss = evaluate(runner, val, device, autocast, objective)
+        val_loss = evaluate(runner, val, device, autocast, eval_objective)
         record = {"step": step, "val_loss": val_loss, "val_ppl": _ppl(val_loss)}
         logger.log(record)
         progress.update(step, record)

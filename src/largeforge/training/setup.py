@@ -19,7 +19,9 @@ def check_method(recipe: Recipe, kind: str) -> None:
             f"train.method={recipe.train.method} adapts an existing model: set "
             "model.from_pretrained (or --model) to a model directory, run or hub id"
         )
-    if recipe.train.objective != "lm" and not recipe.model.from_pretrained:
+    if recipe.train.objective == "distill" and not recipe.distill.teacher:
+        raise LargeForgeError("train.objective=distill needs distill.teacher (--teacher)")
+    if recipe.train.objective in ("dpo", "orpo") and not recipe.model.from_pretrained:
         raise LargeForgeError(
             f"train.objective={recipe.train.objective} tunes an existing (instruction-tuned) "
             "model: set model.from_pretrained (or --model)"
@@ -113,3 +115,32 @@ def preference_objective(recipe: Recipe, model: Any) -> Any:
         p.requires_grad_(False)
     return DPOObjective(beta=cfg.beta, label_smoothing=cfg.label_smoothing,
                         loss_type=cfg.loss_type, reference=reference)
+
+
+def check_teacher_tokenizer(recipe: Recipe, tokenizer: Any) -> None:
+    """Distillation compares distributions token by token: teacher and student share a
+    vocabulary."""
+    from largeforge.runs import resolve_model_dir
+    from largeforge.tokenizer import load_tokenizer
+
+    teacher_ref = str(recipe.distill.teacher)
+    teacher_tokenizer = load_tokenizer(resolve_model_dir(teacher_ref))
+    if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise LargeForgeError(
+            f"the teacher {teacher_ref} and the student do not share a tokenizer "
+            f"({len(teacher_tokenizer)} and {len(tokenizer)} tokens, vocabularies differ): "
+            "distillation compares their distributions token by token; train the student with "
+            "the teacher's tokenizer (tokenizer.path)"
+        )
+
+
+def distill_objective(recipe: Recipe, device: Any, *, shifted: bool) -> Any:
+    """The teacher, loaded frozen in evaluation mode, behind the distillation loss."""
+    from largeforge.training.distill import DistillObjective
+
+    cfg = recipe.distill
+    teacher = load_model(str(cfg.teacher)).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return DistillObjective(teacher, temperature=cfg.temperature, alpha=cfg.alpha,
+                            shifted=shifted)
