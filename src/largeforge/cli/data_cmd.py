@@ -195,5 +195,50 @@ def stats_command(
     console.print(f"report: {output}")
 
 
+@data_app.command("synth")
+def synth_command(
+    prompts: Path = typer.Option(..., "--prompts", help="Prompts: .txt lines or JSON/JSONL."),
+    teacher: str = typer.Option(
+        ..., "--teacher", help="An OpenAI-compatible base URL (http://host:port/v1) or a local "
+        "model directory, run or hub id."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="JSONL to write (appended to)."),
+    fmt: str = typer.Option("messages", "--format", help="alpaca or messages."),
+    model: str | None = typer.Option(
+        None, "--model", help="Model name at the endpoint (default: the first it lists)."
+    ),
+    api_key: str | None = typer.Option(
+        None, "--api-key", envvar="OPENAI_API_KEY", help="Endpoint key (or OPENAI_API_KEY)."
+    ),
+    concurrency: int = typer.Option(4, "--concurrency", help="Requests in flight at once."),
+    retries: int = typer.Option(3, "--retries", help="Retries per request, with backoff."),
+    temperature: float = typer.Option(0.7, "--temperature"),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    system: str | None = typer.Option(None, "--system", help="A system prompt for every ask."),
+    seed: int | None = typer.Option(None, "--seed"),
+) -> None:
+    """Generate SFT data from a teacher; re-running skips the prompts already answered."""
+    from largeforge.data.synth import SynthSettings, make_teacher, read_prompts, synthesize
+
+    console = Console(highlight=False)
+    asked = read_prompts(prompts)
+    settings = SynthSettings(teacher=teacher, model=model, temperature=temperature,
+                             max_tokens=max_tokens, system=system, seed=seed)
+    report = synthesize(
+        asked, make_teacher(teacher, api_key=api_key, model=model, max_retries=retries),
+        output, fmt=fmt, settings=settings, concurrency=concurrency,
+        on_record=lambda done, total: console.print(f"{done}/{total}", end="\r"),
+    )
+    console.print(
+        f"{report.written} written, {report.skipped} already there, {len(report.failed)} failed "
+        f"of {report.prompts} prompts -> {output}"
+    )
+    for problem in report.failed[:10]:
+        console.print(f"  failed: {problem}")
+    if report.failed:
+        console.print("re-run the same command to retry the failed prompts")
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(data_app, name="data")
