@@ -82,3 +82,27 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, shared_data):
     assert proc.returncode == 2, proc.stderr
     assert "do not share a tokenizer" in proc.stderr
     assert not out.exists()
+
+
+def test_a_lora_student_on_instruction_data(tmp_path, shared_data):
+    """The student may keep its weights and learn LoRA adapters; instruction data work too
+    (targets on the replies only)."""
+    import json
+
+    from sft_tasks import CHAT_SPECIALS, split_task, task_texts
+
+    tokenizer = make_tokenizer(task_texts(), *CHAT_SPECIALS)
+    for name, seed in (("teacher", 1), ("student", 2)):
+        make_family_model("llama", tokenizer, seed=seed).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in split_task(100, 0)[0]))
+    out = tmp_path / "lora-kd"
+    proc = run_cli("train", "distill", "--teacher", str(tmp_path / "teacher"), "--student",
+                   str(tmp_path / "student"), "--dataset", str(data), "--output", str(out),
+                   "--method", "lora", "--max-steps", "4", "--seq-len", "64", "--set",
+                   "data.chat_template=chatml", "--set", "train.log_every=1")
+    assert proc.returncode == 0, proc.stderr
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("kd_loss" in r and "ce_loss" in r for r in logged if "loss" in r)
+    assert (out / "final" / "adapter_model.safetensors").is_file()

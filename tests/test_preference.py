@@ -57,6 +57,20 @@ def test_orpo_odds_ratio_by_hand():
     assert loss.item() == pytest.approx(-math.log(1 / (1 + 1 / 3)))  # -log s(log 3) = log 4/3
 
 
+def test_orpo_against_trl():
+    """TRL's ORPO odds-ratio term (a trainer method; its DPO loss sits inside the trainer's
+    compute_loss and is checked by hand above): losses = beta * log s(log odds)."""
+    from types import SimpleNamespace
+
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    chosen = torch.tensor([-0.7, -1.2, -0.1, -2.5])
+    rejected = torch.tensor([-0.9, -0.4, -3.0, -2.5])
+    trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device="cpu"))
+    theirs, *_ = orpo.ORPOTrainer.odds_ratio_loss(trainer, chosen, rejected)
+    ours = orpo_odds_ratio_loss(chosen, rejected)
+    assert torch.allclose(-0.1 * ours, theirs, atol=1e-6)  # ours is the positive loss
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer(task_texts(), *CHAT_SPECIALS)
@@ -126,13 +140,14 @@ def test_preference_training_moves_held_out_preferences(objective, method, token
     assert after >= 0.9, (before, after)
 
 
-def test_dpo_runs_on_hh_rlhf(tokenizer, tmp_path, shared_data: Path):
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_runs_on_hh_rlhf(objective, tokenizer, tmp_path, shared_data: Path):
     base = tmp_path / "base"
     make_family_model("qwen2", tokenizer).save_pretrained(base)
     tokenizer.save_pretrained(base)
     out = tmp_path / "hh"
     proc = run_cli(
-        "train", "dpo", "--model", str(base), "--dataset",
+        "train", objective, "--model", str(base), "--dataset",
         str(shared_data / "hh_rlhf_sample.jsonl"), "--output", str(out),
         "--chat-template", "chatml", "--seq-len", "256", "--max-steps", "3", "--batch-size", "2",
         "--set", "train.log_every=1",
