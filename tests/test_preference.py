@@ -57,6 +57,43 @@ def test_orpo_odds_ratio_by_hand():
     assert loss.item() == pytest.approx(-math.log(1 / (1 + 1 / 3)))  # -log s(log 3) = log 4/3
 
 
+def test_dpo_against_trl(tmp_path):
+    """TRL's DPOTrainer and ours on the same batch (its own tokenisation and completion mask),
+    the policy moved away from the reference: the same sigmoid loss. (IPO is not compared: TRL
+    averages it over completion tokens, we follow the paper's sequence log-likelihoods.)"""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from largeforge.training.preference import DPOObjective
+
+    tokenizer = make_tokenizer(task_texts(), *CHAT_SPECIALS)
+    make_family_model("llama", tokenizer).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    data = Dataset.from_list([
+        {"prompt": "red cat blue", "chosen": " blue cat red", "rejected": " red cat blue"},
+        {"prompt": "sun moon", "chosen": " moon sun", "rejected": " sun moon star"},
+    ])
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tmp_path / "m"), train_dataset=data,
+        processing_class=tokenizer,
+        args=DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2,
+                       max_steps=1, report_to="none", use_cpu=True, beta=0.1),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in trainer.model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+        theirs = trainer.compute_loss(trainer.model, batch)
+        ours, _ = DPOObjective(beta=0.1, reference=trainer.ref_model)(trainer.model, {
+            "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100),
+        })
+    assert abs(theirs.item() - math.log(2)) > 1e-3  # the policy really differs
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+
+
 def test_orpo_against_trl():
     """TRL's ORPO odds-ratio term (a trainer method; its DPO loss sits inside the trainer's
     compute_loss and is checked by hand above): losses = beta * log s(log odds)."""
