@@ -43,6 +43,7 @@ class Endpoint(BaseHTTPRequestHandler):
         server = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         prompt = body["messages"][-1]["content"]
+        server.keys.add(self.headers.get("Authorization"))  # type: ignore[attr-defined]
         with server.lock:  # type: ignore[attr-defined]
             server.attempts[prompt] += 1  # type: ignore[attr-defined]
             first = server.attempts[prompt] == 1  # type: ignore[attr-defined]
@@ -62,6 +63,7 @@ class Endpoint(BaseHTTPRequestHandler):
 def endpoint():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
     server.attempts, server.lock, server.delay = Counter(), threading.Lock(), 0.05
+    server.keys = set()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -114,11 +116,15 @@ def test_killed_half_way_and_rerun_loses_and_duplicates_nothing(endpoint, tmp_pa
 def test_alpaca_output_and_a_failing_endpoint(endpoint, tmp_path):
     url = f"http://127.0.0.1:{endpoint.server_address[1]}/v1"
     out = tmp_path / "a.jsonl"
-    proc = run_cli("data", "synth", "--prompts", str(prompts_file(tmp_path, 5)), "--teacher",
-                   url, "--output", str(out), "--format", "alpaca", "--model", "stub-teacher")
+    # The endpoint and key from the environment, as the openai client takes them.
+    proc = run_cli("data", "synth", "--prompts", str(prompts_file(tmp_path, 5)), "--output",
+                   str(out), "--format", "alpaca", "--model", "stub-teacher",
+                   env={"OPENAI_BASE_URL": url, "OPENAI_API_KEY": "from-env"})
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 5 and all(r["synth"]["model"] == "stub-teacher" for r in records)
+    assert records[0]["synth"]["teacher"] == url
+    assert endpoint.keys == {"Bearer from-env"}
     assert load_records(out).format == "alpaca"
 
     dead = run_cli("data", "synth", "--prompts", str(prompts_file(tmp_path, 2)), "--teacher",

@@ -199,8 +199,8 @@ def stats_command(
 def synth_command(
     prompts: Path = typer.Option(..., "--prompts", help="Prompts: .txt lines or JSON/JSONL."),
     teacher: str = typer.Option(
-        ..., "--teacher", help="An OpenAI-compatible base URL (http://host:port/v1) or a local "
-        "model directory, run or hub id."
+        ..., "--teacher", envvar="OPENAI_BASE_URL", help="An OpenAI-compatible base URL "
+        "(http://host:port/v1; or OPENAI_BASE_URL) or a local model directory, run or hub id."
     ),
     output: Path = typer.Option(..., "--output", "-o", help="JSONL to write (appended to)."),
     fmt: str = typer.Option("messages", "--format", help="alpaca or messages."),
