@@ -170,13 +170,6 @@ def uses_adapters(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def adapter_state(model: Any) -> dict[str, torch.Tensor]:
-    """The trainable (adapter) weights, as PEFT saves them."""
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)
-
-
 def load_adapter_weights(model: Any, directory: Path) -> None:
     """Put the adapter weights saved in `directory` into `model` (load_best_at_end)."""
     from peft import set_peft_model_state_dict

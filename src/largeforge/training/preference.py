@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,11 +84,6 @@ def _metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> di
         "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
         "preference_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
     }
-
-
-def disabled_adapters(model: Any) -> contextlib.AbstractContextManager:
-    """The LoRA policy with its adapters off: the reference, with no second copy."""
-    return model.disable_adapter()
 
 
 class DPOObjective:
