@@ -47,16 +47,20 @@ def seeded_permutation(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-class _EpochBatches:
+class EpochBatches:
     """An epoch is a list of batches (lists of sample indices) built from `seed + epoch` alone;
-    (epoch, position) is the whole data position."""
+    (epoch, position) is the whole data position. Subclasses say how an epoch is planned and a
+    batch collated, and may check their items differently (`_check`)."""
 
-    def __init__(self, samples: Sequence[Sample], seed: int) -> None:
-        _check_samples(samples)
+    def __init__(self, samples: Sequence[Any], seed: int) -> None:
+        self._check(samples)
         self.samples, self.seed = samples, seed
         self.epoch = 0
         self.position = 0
         self._batches = self._plan(0)
+
+    def _check(self, samples: Sequence[Any]) -> None:
+        _check_samples(samples)
 
     def _plan(self, epoch: int) -> list[list[Any]]:
         raise NotImplementedError
@@ -93,7 +97,7 @@ class _EpochBatches:
         self._batches = self._plan(self.epoch)
 
 
-class PaddedBatches(_EpochBatches):
+class PaddedBatches(EpochBatches):
     """Batches of `batch_size` samples, right-padded to the longest in the batch (labels -100 and
     attention_mask 0 on padding). With `group_by_length`, each epoch's shuffled order is cut
     into mega-chunks of `mega_batch_mult * batch_size` samples, each sorted by length (longest
@@ -148,7 +152,7 @@ class PaddedBatches(_EpochBatches):
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
-class PackedBatches(_EpochBatches):
+class PackedBatches(EpochBatches):
     """Rows of `seq_len` tokens, each holding several whole samples (filled in each epoch's
     shuffled order; a sample that does not fit in the current row starts the next), right-padded
     with `pad_id`. A sample longer than `seq_len` is cut to `seq_len` (counted in `truncated`).

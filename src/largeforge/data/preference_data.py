@@ -14,7 +14,11 @@ import torch
 
 from largeforge.chat_templates import get_template, render_batch_for_training
 from largeforge.data.cleaning import in_eval_split, record_text
-from largeforge.data.instruct_batches import IGNORE_INDEX, seeded_permutation
+from largeforge.data.instruct_batches import (
+    IGNORE_INDEX,
+    EpochBatches,
+    seeded_permutation,
+)
 from largeforge.errors import LargeForgeError
 
 Sample = tuple[list[int], list[int]]
@@ -97,46 +101,24 @@ def prepare_preference_data(
     return corpus
 
 
-class PreferenceBatches:
+class PreferenceBatches(EpochBatches):
     """`batch_size` pairs per batch, shuffled each epoch from `seed + epoch`: rows 0..B-1 hold the
     chosen sides, rows B..2B-1 the rejected ones, right-padded to the longest of all 2B."""
 
     def __init__(self, pairs: Sequence[Pair], batch_size: int, seed: int, *, pad_id: int) -> None:
-        if not pairs:
+        self.batch_size, self.pad_id = batch_size, pad_id
+        super().__init__(pairs, seed)
+
+    def _check(self, samples: Sequence[Any]) -> None:
+        if not samples:
             raise LargeForgeError("no preference pairs to batch")
-        self.pairs, self.batch_size, self.seed, self.pad_id = pairs, batch_size, seed, pad_id
-        self.epoch = 0
-        self.position = 0
-        self._batches = self._plan(0)
 
     def _plan(self, epoch: int) -> list[list[int]]:
-        order = seeded_permutation(len(self.pairs), self.seed + epoch)
+        order = seeded_permutation(len(self.samples), self.seed + epoch)
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
-    def __len__(self) -> int:
-        return len(self._batches)
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.position >= len(self._batches):
-            self.epoch += 1
-            self.position = 0
-            self._batches = self._plan(self.epoch)
-        batch = self._batches[self.position]
-        self.position += 1
-        return collate_pairs([self.pairs[i] for i in batch], self.pad_id)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "n_pairs": len(self.pairs)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("n_pairs", len(self.pairs)) != len(self.pairs):
-            raise LargeForgeError(
-                "the checkpoint's data position does not fit this data set "
-                f"({state['n_pairs']} pairs then, {len(self.pairs)} now)"
-            )
-        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
-        self._batches = self._plan(self.epoch)
+    def _collate(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        return collate_pairs([self.samples[i] for i in batch], self.pad_id)
 
 
 def collate_pairs(pairs: Sequence[Pair], pad_id: int) -> dict[str, torch.Tensor]:
