@@ -25,6 +25,12 @@ MaxStepsOpt = typer.Option(None, "--max-steps", help="Optimizer steps to train."
 BatchSizeOpt = typer.Option(None, "--batch-size", help="Sequences per micro-batch.")
 LrOpt = typer.Option(None, "--lr", help="Peak learning rate.")
 SeqLenOpt = typer.Option(None, "--seq-len", help="Training sequence length in tokens.")
+PrecisionOpt = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16.")
+ResumeOpt = typer.Option(
+    None, "--resume", metavar="[PATH]",
+    help="Continue from the latest checkpoint (no value), or from a checkpoint or run dir.",
+)
+OverwriteRunOpt = typer.Option(False, "--overwrite", help="Replace an existing run.")
 
 
 FLAG_KEYS = {

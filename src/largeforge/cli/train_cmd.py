@@ -29,11 +29,8 @@ def train_command(
     batch_size: int | None = ro.BatchSizeOpt,
     lr: float | None = ro.LrOpt,
     seq_len: int | None = ro.SeqLenOpt,
-    resume: str | None = typer.Option(
-        None, "--resume", metavar="[PATH]",
-        help="Continue from the latest checkpoint (no value), or from a checkpoint or run dir.",
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run."),
+    resume: str | None = ro.ResumeOpt,
+    overwrite: bool = ro.OverwriteRunOpt,
     verify_only: bool = typer.Option(
         False, "--verify-only", help="Check data, tokenizer, model and output; do not train."
     ),
@@ -102,17 +99,14 @@ def sft_command(
         None, "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Recompute activations in the backward pass to save memory.",
     ),
-    precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
+    precision: str | None = ro.PrecisionOpt,
     beta: float | None = typer.Option(
         None, "--beta", help="dpo: KL strength (0.1); orpo: odds-ratio weight (0.1)."
     ),
     config: Path | None = ro.ConfigOpt,
     overrides: list[str] | None = ro.SetOpt,
-    resume: str | None = typer.Option(
-        None, "--resume", metavar="[PATH]",
-        help="Continue from the latest checkpoint (no value), or from a checkpoint or run dir.",
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run."),
+    resume: str | None = ro.ResumeOpt,
+    overwrite: bool = ro.OverwriteRunOpt,
     verify_only: bool = typer.Option(
         False, "--verify-only", help="Check data, model and output; do not train."
     ),
@@ -186,14 +180,11 @@ def distill_command(
     batch_size: int | None = ro.BatchSizeOpt,
     lr: float | None = ro.LrOpt,
     seq_len: int | None = ro.SeqLenOpt,
-    precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16, fp16."),
+    precision: str | None = ro.PrecisionOpt,
     config: Path | None = ro.ConfigOpt,
     overrides: list[str] | None = ro.SetOpt,
-    resume: str | None = typer.Option(
-        None, "--resume", metavar="[PATH]",
-        help="Continue from the latest checkpoint (no value), or from a checkpoint or run dir.",
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run."),
+    resume: str | None = ro.ResumeOpt,
+    overwrite: bool = ro.OverwriteRunOpt,
 ) -> None:
     """Distil a teacher into a student: KL to the teacher's softened distribution (temperature T)
     mixed with cross-entropy by alpha; the two must share a tokenizer."""
