@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,3 +42,37 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = No
         [sys.executable, "-m", "largeforge.cli.main", *args],
         cwd=cwd, env=full_env, input=input, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def kill_cli_when(args: list[str], ready: Callable[[], bool], *, settle: float = 0.0,
+                  timeout: float = 300) -> None:
+    """Start the CLI with `args`, wait until `ready()`, wait `settle` seconds more, then kill it
+    with SIGKILL (no clean-up handler runs). Fails if it exits by itself first."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "largeforge.cli.main", *args],
+        env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ready():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.01)
+    time.sleep(settle)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def checkpoint_reached(run_dir: Path, step: int) -> Callable[[], bool]:
+    """True once the run's `checkpoints/latest` names step `step` or later."""
+    latest = run_dir / "checkpoints" / "latest"
+    return lambda: latest.is_file() and int(latest.read_text().strip().split("-")[1]) >= step
+
+
+def logged_losses(run_dir: Path) -> list[tuple[int, str, float]]:
+    """(step, key, value) of every loss, val loss and gradient norm in metrics.jsonl."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        out += [(record["step"], k, record[k]) for k in ("loss", "val_loss", "grad_norm")
+                if k in record]
+    return out

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import checkpoint_reached, kill_cli_when, logged_losses, run_cli
 
 
 def write_recipe(path: Path, data: Path, out: Path, name: str, **train: object) -> Path:
@@ -32,14 +26,6 @@ def write_recipe(path: Path, data: Path, out: Path, name: str, **train: object) 
     return path
 
 
-def losses(run_dir: Path) -> list[tuple[int, str, float]]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        for key in ("loss", "val_loss", "grad_norm"):
-            if key in record:
-                out.append((record["step"], key, record[key]))
-    return out
 
 
 @pytest.fixture
@@ -56,33 +42,21 @@ def test_sigkill_and_resume_reproduces_the_uninterrupted_run(corpus, tmp_path):
     done = run_cli("train", "--config", str(recipe))
     assert done.returncode == 0, done.stderr
 
-    # Same recipe under another name, killed hard once a few checkpoints exist.
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "largeforge.cli.main", "train", "--config", str(recipe),
-         "--name", "killed"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    latest = out / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if latest.is_file() and int(latest.read_text().strip().split("-")[1]) >= 12:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        time.sleep(0.01)
-    time.sleep(0.13)  # land somewhere between two checkpoints, maybe inside a write
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # Same recipe under another name, killed hard once a few checkpoints exist, somewhere between
+    # two checkpoints, maybe inside a write.
+    kill_cli_when(["train", "--config", str(recipe), "--name", "killed"],
+                  checkpoint_reached(out / "killed", 12), settle=0.13)
     killed = out / "killed"
     assert not (killed / "final").exists(), "the run finished before it was killed"
-    killed_at = max(step for step, _, _ in losses(killed))
+    killed_at = max(step for step, _, _ in logged_losses(killed))
 
     resumed = run_cli("train", "--config", str(recipe), "--name", "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
 
     assert killed_at < 60
-    assert losses(killed) == losses(out / "whole")  # bit for bit: floats compared exactly
+    # Bit for bit: floats compared exactly.
+    assert logged_losses(killed) == logged_losses(out / "whole")
     a = load_file(out / "whole" / "final" / "model.safetensors")
     b = load_file(killed / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

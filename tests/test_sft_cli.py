@@ -5,18 +5,14 @@ and nothing written."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import checkpoint_reached, kill_cli_when, logged_losses, run_cli
 from sft_tasks import CHAT_SPECIALS, split_task, task_texts
 from tiny_models import make_family_model, make_tokenizer
 
@@ -47,13 +43,6 @@ def files(tmp_path_factory, tokenizer) -> dict[str, Path]:
     return paths
 
 
-def losses(run_dir: Path) -> list[tuple[int, str, float]]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
-        out += [(record["step"], k, record[k]) for k in ("loss", "val_loss", "grad_norm")
-                if k in record]
-    return out
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
@@ -71,22 +60,8 @@ def test_killed_adapter_run_resumes_exactly(method, files, tmp_path):
     whole = run_cli("train", "sft", "--config", str(recipe), "--output", str(out / "whole"))
     assert whole.returncode == 0, whole.stderr
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "largeforge.cli.main", "train", "sft", "--config", str(recipe),
-         "--output", str(out / "killed")],
-        env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    latest = out / "killed" / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if latest.is_file() and int(latest.read_text().strip().split("-")[1]) >= 12:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        time.sleep(0.01)
-    time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_cli_when(["train", "sft", "--config", str(recipe), "--output", str(out / "killed")],
+                  checkpoint_reached(out / "killed", 12), settle=0.05)
     killed = out / "killed"
     assert not (killed / "final").exists(), "the run finished before it was killed"
     # Adapter checkpoints: PEFT files, not a copy of the base model.
@@ -98,7 +73,7 @@ def test_killed_adapter_run_resumes_exactly(method, files, tmp_path):
                       "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
-    assert losses(killed) == losses(out / "whole")  # bit for bit
+    assert logged_losses(killed) == logged_losses(out / "whole")  # bit for bit
     a = load_file(out / "whole" / "final" / "adapter_model.safetensors")
     b = load_file(killed / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

@@ -5,8 +5,6 @@ slowly enough to be killed half-way), and against a local model."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import kill_cli_when, run_cli
 from largeforge.data.formats import load_records
 
 
@@ -84,16 +82,8 @@ def test_killed_half_way_and_rerun_loses_and_duplicates_nothing(endpoint, tmp_pa
     command = [sys.executable, "-m", "largeforge.cli.main", "data", "synth", "--prompts",
                str(prompts), "--teacher", url, "--output", str(out), "--concurrency", "3",
                "--temperature", "0", "--max-tokens", "32", "--api-key", "test-key"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if out.is_file() and out.read_text().count("\n") >= 15:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_cli_when(command[3:], lambda: out.is_file() and out.read_text().count("\n") >= 15,
+                  timeout=120)
     written_before = out.read_text().count("\n")
     assert 15 <= written_before < 60, "killed too late to test resuming"
 
