@@ -60,4 +60,4 @@ class DistillObjective:
             student[..., :vocab].reshape(-1, vocab), teacher[..., :vocab].reshape(-1, vocab),
             labels.reshape(-1), temperature=self.temperature, alpha=self.alpha,
         )
-        return loss, {"kd_loss": kl.item(), "ce_loss": ce.item()}
+        return loss, {"kd_loss": kl.detach(), "ce_loss": ce.detach()}

@@ -71,7 +71,8 @@ from largeforge.training.setup import (
 
 Batch = dict[str, torch.Tensor]
 OVERFIT_RISE = 0.005  # a relative rise of eval loss below this is noise, not overfitting
-Objective = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+# (model, batch) -> (loss, metrics); metrics are detached tensors, read only when logged.
+Objective = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -343,7 +344,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            step_metrics: dict[str, float] = {}
+            step_metrics: dict[str, torch.Tensor] = {}
             tokens_this_step = 0
             for _ in range(cfg_t.grad_accum):
                 batch = _to_device(batches.next_batch(), device)
@@ -383,7 +384,7 @@ def train(
                     "step": step, "loss": loss_value, "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens": state["tokens_seen"], "tokens_per_s": speed, "mfu": mfu,
-                    **step_metrics,
+                    **{key: float(value) for key, value in step_metrics.items()},
                 }
                 logger.log(record)
                 progress.update(step, record)

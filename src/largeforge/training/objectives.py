@@ -29,7 +29,7 @@ def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 def causal_lm_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean cross-entropy of `labels` given `input_ids`, where labels are already shifted
     (pretraining windows: labels[t] is the token after input_ids[t]); IGNORE_INDEX is skipped."""
     return _mean_cross_entropy(_logits(model, batch), batch["labels"]), {}
@@ -37,7 +37,7 @@ def causal_lm_loss(
 
 def instruction_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean next-token cross-entropy where `labels` are aligned with `input_ids` (Hugging Face's
     convention, as `data.instruct_batches` yields them) and shifted here; IGNORE_INDEX marks
     prompt, padding and the first token of each packed sample."""
