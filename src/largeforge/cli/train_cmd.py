@@ -116,7 +116,7 @@ def sft_command(
     LoRA runs save PEFT adapters (adapter_config.json + adapter_model.safetensors) in final/;
     `largeforge merge` folds them into the base."""
     from largeforge.errors import LargeForgeError
-    from largeforge.training.sft import check_sft_data, resolve_sft_recipe
+    from largeforge.training.sft import resolve_sft_recipe
 
     objective = {"dpo": "dpo", "orpo": "orpo"}.get(ctx.info_name or "", "lm")
     if beta is not None and objective == "lm":
@@ -143,13 +143,12 @@ def sft_command(
         config, flags={k: v for k, v in flags.items() if v is not None},
         overrides=overrides or [], output=output,
     )
-    if resolved.recipe.train.objective == "lm":
-        check_sft_data(resolved)
     from largeforge.training.loop import train
 
     console = Console()
     result = train(
-        resolved, resume=resume, overwrite=overwrite, verify_only=verify_only, console=console
+        resolved, resume=resume, overwrite=overwrite, verify_only=verify_only, console=console,
+        sft=resolved.recipe.train.objective == "lm",
     )
     if not result.verified_only:
         print_summary(result, console)

@@ -24,7 +24,6 @@ from largeforge.config import Recipe, ResolvedRecipe
 from largeforge.data.instruct_batches import PackedBatches, PaddedBatches
 from largeforge.data.instruct_data import (
     conversation_texts,
-    data_kind,
     load_conversations,
     prepare_instruction_data,
 )
@@ -62,6 +61,7 @@ from largeforge.training.schedule import lr_at
 from largeforge.training.setup import (
     check_method,
     check_teacher_tokenizer,
+    decide_data_kind,
     default_template,
     distill_objective,
     load_weights,
@@ -101,11 +101,13 @@ def train(
     overwrite: bool = False,
     verify_only: bool = False,
     console: Console | None = None,
+    sft: bool = False,
 ) -> TrainResult:
     """Pretrain (or continue pretraining) a causal LM as the recipe says.
 
     `resume`: "latest" for the run's latest checkpoint, or a checkpoint / run directory.
     `verify_only`: check data, tokenizer, model and output directory, then return.
+    `sft`: the data must be instruction or chat records (`train sft`, `SFTTrainer`).
     """
     if isinstance(recipe, ResolvedRecipe):
         recipe = recipe.recipe
@@ -121,10 +123,7 @@ def train(
 
     if not cfg_d.train:
         raise LargeForgeError("no training data: set data.train in the recipe or pass --data")
-    kind = (
-        "preference" if cfg_t.objective in ("dpo", "orpo")
-        else data_kind(cfg_d.train, cfg_d.format, cfg_d.text_field)
-    )
+    kind = decide_data_kind(recipe, sft=sft)
     check_method(recipe, kind)
     sources = resolve_sources(cfg_d.train) if kind == "pretrain" else []
     # Check everything before touching the output directory: a run that fails to start must

@@ -12,6 +12,38 @@ from largeforge.errors import LargeForgeError
 from largeforge.models import build_model, load_model
 
 
+def decide_data_kind(recipe: Recipe, *, sft: bool = False) -> str:
+    """"pretrain", "instruction" or "preference", decided once per run. `sft`: only
+    instruction data will do, and anything else is refused with what to do instead."""
+    from largeforge.data.instruct_data import data_kind
+
+    data = recipe.data
+    if recipe.train.objective in ("dpo", "orpo"):
+        return "preference"
+    try:
+        kind = data_kind(data.train, data.format, data.text_field)
+    except LargeForgeError as exc:
+        if sft and "preference" in str(exc):
+            raise _not_for_sft("preference") from None
+        raise
+    if sft and kind != "instruction":
+        raise _not_for_sft("text")
+    return kind
+
+
+def _not_for_sft(fmt: str) -> LargeForgeError:
+    if fmt == "preference":
+        return LargeForgeError(
+            "the dataset holds preference pairs (prompt/chosen/rejected), which train with DPO "
+            "or ORPO, not SFT; SFT needs alpaca, sharegpt or messages records"
+        )
+    return LargeForgeError(
+        "the dataset is plain text, which SFT cannot learn from: it needs alpaca "
+        "(instruction/input/output), sharegpt (conversations) or messages records; to continue "
+        "pretraining on text, use `largeforge train --data FILE --set model.from_pretrained=...`"
+    )
+
+
 def check_method(recipe: Recipe, kind: str) -> None:
     """LoRA and QLoRA adapt an existing model; an eval file is for instruction data."""
     if recipe.train.method != "full" and not recipe.model.from_pretrained:

@@ -1,9 +1,9 @@
 """Supervised fine-tuning of an existing causal LM: full, LoRA or QLoRA, on instruction data.
 
 SFT is the one training loop (`loop.train`) with a recipe whose model comes from a directory, a
-run or a hub id, and whose data are alpaca, sharegpt or messages records. This module holds what
-is particular to it: its defaults, the check that the data fit, and `SFTTrainer`, the Python
-entry point in the spirit of TRL's:
+run or a hub id, and whose data are alpaca, sharegpt or messages records (`train(..., sft=True)`
+refuses anything else). This module holds what is particular to it: its defaults and
+`SFTTrainer`, the Python entry point in the spirit of TRL's:
 
     from peft import LoraConfig
     from largeforge import SFTTrainer
@@ -119,34 +119,6 @@ def _model_context(ref: str) -> int | None:
     return int(context) if context else None
 
 
-def check_sft_data(resolved: ResolvedRecipe) -> None:
-    """SFT learns from instruction or chat records; say what to do with anything else."""
-    from largeforge.data.instruct_data import data_kind
-
-    data = resolved.recipe.data
-    try:
-        kind = data_kind(data.train, data.format, data.text_field)
-    except LargeForgeError as exc:
-        if "preference" in str(exc):
-            raise _not_sft("preference") from None
-        raise
-    if kind != "instruction":
-        raise _not_sft("text")
-
-
-def _not_sft(fmt: str) -> LargeForgeError:
-    if fmt == "preference":
-        return LargeForgeError(
-            "the dataset holds preference pairs (prompt/chosen/rejected), which train with DPO "
-            "or ORPO, not SFT; SFT needs alpaca, sharegpt or messages records"
-        )
-    return LargeForgeError(
-        "the dataset is plain text, which SFT cannot learn from: it needs alpaca "
-        "(instruction/input/output), sharegpt (conversations) or messages records; to continue "
-        "pretraining on text, use `largeforge train --data FILE --set model.from_pretrained=...`"
-    )
-
-
 class SFTTrainer:
     """Fine-tune `model` on `train_dataset`; `.train()` runs it and returns a `TrainResult`.
 
@@ -214,7 +186,6 @@ class SFTTrainer:
             config, flags={k: v for k, v in flags.items() if v is not None},
             overrides=overrides, output=output_dir,
         )
-        check_sft_data(self.resolved)
         self.console = console
 
     @property
@@ -224,7 +195,8 @@ class SFTTrainer:
     def train(self, *, resume: str | Path | None = None, overwrite: bool = False) -> Any:
         from largeforge.training.loop import train
 
-        return train(self.resolved, resume=resume, overwrite=overwrite, console=self.console)
+        return train(self.resolved, resume=resume, overwrite=overwrite, console=self.console,
+                     sft=True)
 
 
 def _lora_flags(lora_config: Any) -> dict[str, Any]:
