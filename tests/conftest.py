@@ -19,9 +19,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Token caches go to a per-session temp dir, never to ~/.cache."""
+    """Token caches and the runs registry go to a per-session temp dir, never to ~/."""
     cache = tmp_path_factory.getbasetemp() / "largeforge-cache"
     monkeypatch.setenv("LARGEFORGE_CACHE_DIR", str(cache))
+    # The runs registry too: tests never write to ~/.largeforge/registry.db.
+    monkeypatch.setenv("LARGEFORGE_REGISTRY", str(tmp_path_factory.getbasetemp() / "registry.db"))
     for name in list(os.environ):
         if name.startswith("LARGEFORGE_") and "__" in name:
             monkeypatch.delenv(name)

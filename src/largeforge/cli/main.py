@@ -36,17 +36,23 @@ def _root(
 def _register() -> None:
     # Imported here so `largeforge --help` stays fast and each module stays independent.
     from largeforge.cli import (
+        checkpoints_cmd,
+        compare_cmd,
         config_cmd,
         data_cmd,
         doctor_cmd,
+        eval_cmd,
+        export_cmd,
         generate_cmd,
         merge_cmd,
+        runs_cmd,
         tokenizer_cmd,
         train_cmd,
     )
 
     for module in (
-        doctor_cmd, config_cmd, data_cmd, tokenizer_cmd, train_cmd, generate_cmd, merge_cmd
+        doctor_cmd, config_cmd, data_cmd, tokenizer_cmd, train_cmd, generate_cmd, merge_cmd,
+        eval_cmd, compare_cmd, runs_cmd, checkpoints_cmd, export_cmd,
     ):
         module.register(app)
 

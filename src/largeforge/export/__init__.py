@@ -1,0 +1,2 @@
+"""Export: HF safetensors, GGUF (+ Ollama Modelfile), ONNX, TorchScript, and weight-only
+quantisation."""
