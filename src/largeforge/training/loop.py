@@ -40,7 +40,10 @@ from largeforge.errors import LargeForgeError
 from largeforge.hardware import (
     autocast_dtype,
     detect_device,
+    device_name,
+    installed_version,
     matmul_flops,
+    memory_bytes,
     peak_fp32_flops,
     release_freed_memory,
     resolve_precision,
@@ -276,7 +279,11 @@ def train(
     )
     logger = MetricsLogger(run_dir, resume_step=state["step"] if checkpoint else None)
     progress = ProgressReporter(max_steps, state["step"], console)
-    write_run_state(run_dir, status="running", step=state["step"])
+    write_run_state(
+        run_dir, status="running", step=state["step"], max_steps=max_steps, method=method,
+        parameters=counts["total"], trainable_parameters=counts["trainable"],
+        hardware=_hardware_summary(device, precision, peak),
+    )
     autocast = _autocast(device, precision)
     min_lr = cfg_t.min_lr if cfg_t.min_lr is not None else cfg_t.lr / 10
     warmup_steps = (
@@ -657,6 +664,22 @@ def _peak_flops(device: torch.device, precision: str) -> float:
         return peak_fp32_flops(device)
     n = 4096 if device.type == "cuda" else 1024
     return matmul_flops(device, dtype, n=n)
+
+
+def _hardware_summary(device: torch.device, precision: str, peak: float) -> dict[str, Any]:
+    """What the run ran on, for run.json and the run's report."""
+    import os
+    import platform
+
+    memory = memory_bytes()
+    return {
+        "device": device.type, "device_name": device_name(device), "precision": precision,
+        "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(memory / 2**30, 1) if memory else None,
+        "peak_gflops": round(peak / 1e9, 1), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": installed_version("transformers"),
+        "peft": installed_version("peft"),
+    }
 
 
 def _ppl(loss: float) -> float:
