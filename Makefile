@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: quickstart test lint bench clean
+.PHONY: quickstart test browser lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,19 @@ quickstart: $(VENV)/.installed
 	$(BIN)/largeforge doctor
 	$(BIN)/largeforge quickstart
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
+
+# The report tests open report.html in headless Chromium: Debian's package, driven through
+# playwright's Python API (playwright's own browser download is never used).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { \
+	  echo "installing Debian's chromium for the report tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks
