@@ -17,13 +17,25 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory):
+    """Token caches and the runs registry go to a per-session temp dir, never to ~/. Session
+    scoped, so module-scoped fixtures that train a model before any test runs are isolated too."""
+    base = tmp_path_factory.getbasetemp()
+    saved = {name: os.environ.get(name) for name in ("LARGEFORGE_CACHE_DIR", "LARGEFORGE_REGISTRY")}
+    os.environ["LARGEFORGE_CACHE_DIR"] = str(base / "largeforge-cache")
+    os.environ["LARGEFORGE_REGISTRY"] = str(base / "registry.db")
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Token caches and the runs registry go to a per-session temp dir, never to ~/."""
-    cache = tmp_path_factory.getbasetemp() / "largeforge-cache"
-    monkeypatch.setenv("LARGEFORGE_CACHE_DIR", str(cache))
-    # The runs registry too: tests never write to ~/.largeforge/registry.db.
-    monkeypatch.setenv("LARGEFORGE_REGISTRY", str(tmp_path_factory.getbasetemp() / "registry.db"))
+def _no_recipe_overrides(monkeypatch: pytest.MonkeyPatch):
+    """Recipe values from the environment (LARGEFORGE_TRAIN__LR=...) never leak into a test."""
     for name in list(os.environ):
         if name.startswith("LARGEFORGE_") and "__" in name:
             monkeypatch.delenv(name)

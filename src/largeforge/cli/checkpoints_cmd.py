@@ -1,7 +1,61 @@
-"""(being written)"""
+"""`largeforge checkpoints cleanup`: free the disk a run's surplus checkpoints take."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
+from rich.console import Console
+
+checkpoints_app = typer.Typer(help="Manage a run's checkpoints.", no_args_is_help=True)
+
+
+@checkpoints_app.command("cleanup")
+def cleanup_command(
+    run: str = typer.Argument(..., help="A run: its directory or its name in the registry."),
+    keep_best: int = typer.Option(
+        1, "--keep-best", help="Keep this many checkpoints with the lowest validation loss."
+    ),
+    keep_last: int = typer.Option(1, "--keep-last", help="Keep this many most recent ones."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print what would be removed; remove nothing."
+    ),
+    registry: Path | None = typer.Option(
+        None, "--registry", help="Registry to look a run name up in (default: "
+        "$LARGEFORGE_REGISTRY, else ~/.largeforge/registry.db)."
+    ),
+) -> None:
+    """Remove checkpoints/step-N/ directories but the best, the last and the one `latest`
+    names (resume needs it); best/ and final/ are never touched. Prints each directory removed
+    with its size, and the total freed."""
+    from largeforge.checkpoint_cleanup import Checkpoint, cleanup_checkpoints, format_size
+    from largeforge.errors import LargeForgeError
+    from largeforge.registry import Registry, resolve_run_dir
+
+    for flag, value in (("--keep-best", keep_best), ("--keep-last", keep_last)):
+        if value < 0:  # checked before the registry is opened
+            raise LargeForgeError(f"{flag} must be 0 or more, not {value}")
+    reg = Registry(registry, create=False) if registry is not None else None
+    run_dir = resolve_run_dir(run, reg)
+    console = Console(highlight=False)
+    verb = "would remove" if dry_run else "removed"
+
+    def report(checkpoint: Checkpoint) -> None:
+        console.print(f"{verb} {checkpoint.path} ({format_size(checkpoint.size)}, "
+                      f"{checkpoint.size:,} bytes)", soft_wrap=True)
+
+    result = cleanup_checkpoints(run_dir, keep_best, keep_last, dry_run=dry_run,
+                                 on_remove=report)
+    for checkpoint in result.plan.checkpoints:
+        if checkpoint.path in result.plan.keep:
+            reasons = ", ".join(result.plan.keep[checkpoint.path])
+            console.print(f"kept {checkpoint.path.name}: {reasons}", soft_wrap=True)
+    total = f"{format_size(result.freed)} ({result.freed:,} bytes)"
+    if dry_run:
+        console.print(f"dry run: would free {total} in {len(result.removed)} checkpoint(s)")
+    else:
+        console.print(f"freed {total} in {len(result.removed)} checkpoint(s)")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(checkpoints_app, name="checkpoints")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from largeforge.atomic_files import write_atomic_text
 from largeforge.errors import LargeForgeError
 from largeforge.runs import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
 
@@ -45,19 +46,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def write_atomic_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _save_hf(model: Any, tokenizer: Any, directory: Path) -> None:

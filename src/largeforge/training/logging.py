@@ -24,7 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from largeforge.training.checkpoint import write_atomic_text
+from largeforge.atomic_files import write_atomic_text
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from largeforge.atomic_files import write_atomic_text
 from largeforge.config import Recipe, recipe_differences, recipe_from_yaml
 from largeforge.errors import LargeForgeError
 from largeforge.runs import RECIPE_FILE, latest_checkpoint
-from largeforge.training.checkpoint import find_checkpoint, write_atomic_text
+from largeforge.training.checkpoint import find_checkpoint
 
 RUN_STATE_FILE = "run.json"
 
