@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -49,6 +51,7 @@ from largeforge.hardware import (
     resolve_precision,
 )
 from largeforge.models import build_model, count_parameters, flops_per_token, load_model
+from largeforge.registry import RunRecorder
 from largeforge.tokenizer import MIN_VOCAB_SIZE, load_tokenizer, train_tokenizer
 from largeforge.training.checkpoint import (
     load_training_state,
@@ -112,9 +115,41 @@ def train(
     `verify_only`: check data, tokenizer, model and output directory, then return.
     `sft`: the data must be instruction or chat records (`train sft`, `SFTTrainer`).
     """
+    console = console or Console()
+    # The runs registry (largeforge.registry): the run is recorded once its directory is
+    # claimed; an exception after that marks it failed. The recorder never raises.
+    recorder = RunRecorder(console)
+    try:
+        return _train(recipe, resume=resume, overwrite=overwrite, verify_only=verify_only,
+                      console=console, sft=sft, recorder=recorder)
+    except BaseException as exc:
+        _record_failure(recorder, exc)
+        raise
+
+
+def _record_failure(recorder: RunRecorder, exc: BaseException) -> None:
+    """Registry row and run.json say `failed`, with the message (runs that never started have
+    neither)."""
+    if recorder.record is None:
+        return
+    recorder.fail(exc)
+    with contextlib.suppress(OSError, ValueError):
+        write_run_state(Path(recorder.record.run_dir), status="failed",
+                        error=recorder.record.error)
+
+
+def _train(
+    recipe: Recipe | ResolvedRecipe,
+    *,
+    resume: str | Path | None,
+    overwrite: bool,
+    verify_only: bool,
+    console: Console,
+    sft: bool,
+    recorder: RunRecorder,
+) -> TrainResult:
     if isinstance(recipe, ResolvedRecipe):
         recipe = recipe.recipe
-    console = console or Console()
     say = console.print
     cfg_t, cfg_d = recipe.train, recipe.data
     run_dir = recipe.run_dir
@@ -223,6 +258,7 @@ def train(
         release_freed_memory()
         _check_model_fits(model, tokenizer, cfg_d.seq_len)
         checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
+        recorder.start(run_dir, recipe, resumed=checkpoint is not None)  # runs registry
         if any(staging.iterdir()):
             staging.rename(run_dir / "tokenizer")
     finally:
@@ -283,7 +319,9 @@ def train(
         run_dir, status="running", step=state["step"], max_steps=max_steps, method=method,
         parameters=counts["total"], trainable_parameters=counts["trainable"],
         hardware=_hardware_summary(device, precision, peak),
+        pid=os.getpid(), hostname=socket.gethostname(), error=None,  # `runs` tells dead runs
     )
+    recorder.update(step=state["step"], max_steps=max_steps)  # runs registry
     autocast = _autocast(device, precision)
     min_lr = cfg_t.min_lr if cfg_t.min_lr is not None else cfg_t.lr / 10
     warmup_steps = (
@@ -406,6 +444,7 @@ def train(
             if step % save_every == 0 or last or stop_early:
                 save(step)
                 write_run_state(run_dir, status="running", step=step)
+                recorder.checkpoint(run_dir, step, state["best_val_loss"], state["best_step"])
             if evaluated or step % save_every == 0:
                 window_start, window_tokens = time.perf_counter(), 0
             if stop_early:
@@ -441,7 +480,25 @@ def train(
         last_val_loss=result.last_val_loss, median_tokens_per_s=result.tokens_per_s,
         median_mfu=result.mfu,
     )
+    recorder.finish(  # runs registry
+        run_dir, "stopped_early" if result.stopped_early else "completed", result.steps,
+        state["best_val_loss"], state["best_step"],
+    )
+    _write_report(run_dir, say)
     return result
+
+
+def _write_report(run_dir: Path, say: Callable[..., None]) -> None:
+    """report.html at the end of every run. The run itself is done and saved: a report that
+    cannot be written is a warning (`largeforge runs report` writes it again), not a failure."""
+    from largeforge.evaluation.report import write_run_report
+
+    try:
+        path = write_run_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure here must not fail a finished run
+        say(f"[yellow]warning[/]: could not write the run report: {exc}")
+        return
+    say(f"report: {path}")
 
 
 @torch.no_grad()
