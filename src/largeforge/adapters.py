@@ -21,6 +21,9 @@ from largeforge.errors import LargeForgeError
 # bitsandbytes' CPU backend logs, when peft imports it, that it could not fetch an optional
 # kernel from the hub; it then uses its own, and there is nothing a user can do about it offline.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# An int8 model (`largeforge quantize --method int8`) logs on every forward that LLM.int8 casts
+# its inputs to fp16: how the method works (see the quantize docs), not something to act on.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 # peft still asks transformers for a property transformers has renamed; not the user's concern.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
