@@ -1,10 +1,19 @@
-"""Inference: sampling, a KV-cache decoding loop, streaming text and chat.
+"""Inference: sampling, a KV-cache decoding loop, streaming text and chat, and the
+continuous-batching engine behind the server and `largeforge infer`.
 
     from largeforge.inference import generate
     text = generate("runs/tiny", "Once upon a time", max_new_tokens=50, seed=0)
 """
 
 from largeforge.inference.chat import CHATML_TEMPLATE, ChatSession, resolve_chat_template
+from largeforge.inference.engine import (
+    ContinuousBatchingEngine,
+    EngineStats,
+    GenerationRequest,
+    QueueFullError,
+    RequestHandle,
+    TokenEvent,
+)
 from largeforge.inference.generate import (
     detokenize_stream,
     encode_prompt,
@@ -24,6 +33,12 @@ from largeforge.inference.sampling import (
 __all__ = [
     "CHATML_TEMPLATE",
     "ChatSession",
+    "ContinuousBatchingEngine",
+    "EngineStats",
+    "GenerationRequest",
+    "QueueFullError",
+    "RequestHandle",
+    "TokenEvent",
     "SamplingParams",
     "apply_repetition_penalty",
     "detokenize_stream",

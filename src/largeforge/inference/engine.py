@@ -1,0 +1,562 @@
+"""Continuous batching: many requests share one running batch, joining and leaving per token.
+
+One background thread runs the scheduler. Every step it
+
+1. drops cancelled sequences (their batch row and KV cache go at once);
+2. admits waiting requests into free slots: each prompt is prefilled on its own (batch 1, so
+   its first token is exactly what `generate_ids` computes) and its cache joins the batch;
+3. runs ONE batched decode forward for all running sequences (left-padded cache, attention mask,
+   per-row position ids; see `kv_batch.PaddedKVBatch`);
+4. samples per sequence with its own `SamplingParams` and seeded generator, emits a
+   `TokenEvent` to each request's handle, and removes finished sequences at once.
+
+Greedy output of a request inside a busy batch equals `generate()` for its prompt alone, token
+for token (fp32; tests check this with staggered arrivals and many prompt lengths). The model
+runs only on the engine thread, under `torch.inference_mode`. Clients read events from a
+`RequestHandle`, blocking (`for event in handle`) or with asyncio (`async for`), and may
+`cancel()` it; stopping the iteration early (a client that disconnects) cancels too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from largeforge.errors import LargeForgeError
+from largeforge.inference.generate import _forward_params, context_length, model_eos_ids
+from largeforge.inference.kv_batch import PaddedKVBatch, new_cache
+from largeforge.inference.sampling import SamplingParams, sample_next_token
+from largeforge.inference.text_stream import IncrementalText
+
+logger = logging.getLogger(__name__)
+
+FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED = "stop", "length", "cancelled"
+
+
+class QueueFullError(LargeForgeError):
+    """The engine's waiting queue is full; try again later (the server answers 503)."""
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop: Sequence[str] = ()  # output is cut before the first stop string, never includes it
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # End-of-sequence ids for this request (e.g. a chat template's end-of-turn token);
+    # None takes the engine's.
+    eos_token_ids: set[int] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            self.stop = (self.stop,)
+
+
+@dataclass
+class TokenEvent:
+    text: str  # new text since the previous event ("" while text is held back)
+    token_ids: list[int]  # new token ids in this event (an EOS is not included)
+    finish_reason: str | None  # None while running; "stop", "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int  # generated so far (an EOS is not counted)
+
+
+@dataclass
+class GenerationResult:
+    """A finished request: all its events together."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class EngineStats:
+    queue_depth: int
+    running: int
+    max_batch_size: int
+    max_queue: int
+    total_requests: int
+    total_prompt_tokens: int  # of the requests admitted (prefilled) so far
+    total_completion_tokens: int
+
+
+class RequestHandle:
+    """Events of one request, in order; the last one has a `finish_reason`.
+
+    Iterate it once, blocking (`for event in handle`) or with asyncio (`async for event in
+    handle`, no busy waiting). Leaving the iteration before the last event (a `break`, an
+    exception, a cancelled asyncio task: a client that went away) cancels the request.
+    """
+
+    def __init__(self, request: GenerationRequest, engine: ContinuousBatchingEngine) -> None:
+        self.request_id = request.request_id
+        self.request = request
+        self._engine = engine
+        self._events: deque[TokenEvent] = deque()
+        self._lock = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._callbacks: list[Callable[[RequestHandle], None]] = []
+        self._error: str | None = None
+        self.finished = False  # the last event was emitted
+        self.cancel_requested = False
+
+    # --- producer side (the engine thread) ---
+    def _emit(self, event: TokenEvent) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self._events.append(event)
+            if event.finish_reason is not None:
+                self.finished = True
+            self._wake()
+        if self.finished:
+            self._run_callbacks()
+
+    def _fail(self, message: str) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self._error, self.finished = message, True
+            self._wake()
+        self._run_callbacks()
+
+    def _wake(self) -> None:  # with self._lock held
+        self._lock.notify_all()
+        waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, future)
+            except RuntimeError:  # that consumer's event loop has closed: nobody to wake
+                pass
+
+    def _run_callbacks(self) -> None:
+        for callback in self._callbacks:
+            try:
+                callback(self)
+            except Exception:  # a consumer's bug must not stop the engine for everyone
+                logger.exception("done callback of request %s failed", self.request_id)
+
+    # --- consumer side ---
+    def add_done_callback(self, callback: Callable[[RequestHandle], None]) -> None:
+        """Call `callback(handle)` once the request has finished (on the engine thread, or at
+        once when it already has). Keep it short: the engine waits for it."""
+        with self._lock:
+            if not self.finished:
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def cancel(self) -> None:
+        """Stop generating: a waiting request leaves the queue now, a running one frees its
+        batch slot and KV cache at the next token step; the last event says "cancelled"."""
+        self.cancel_requested = True
+        self._engine._cancel(self)
+
+    def _pop(self) -> TokenEvent | None:  # with self._lock held
+        if self._events:
+            return self._events.popleft()
+        if self._error is not None:
+            raise LargeForgeError(f"generation failed: {self._error}")
+        return None
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        done = False
+        try:
+            while not done:
+                with self._lock:
+                    event = self._pop()
+                    while event is None:
+                        self._lock.wait()
+                        event = self._pop()
+                done = event.finish_reason is not None
+                yield event
+        finally:
+            if not done:
+                self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        done = False
+        try:
+            while not done:
+                with self._lock:
+                    event = self._pop()
+                    if event is None:
+                        future: asyncio.Future[None] = loop.create_future()
+                        self._waiters.append((loop, future))
+                if event is None:
+                    try:
+                        await future
+                    except asyncio.CancelledError:
+                        with self._lock:
+                            if (loop, future) in self._waiters:
+                                self._waiters.remove((loop, future))
+                        raise
+                    continue
+                done = event.finish_reason is not None
+                yield event
+        finally:
+            if not done:
+                self.cancel()
+
+    def result(self) -> GenerationResult:
+        """Wait for the end and return the whole output."""
+        return self._collect(list(self))
+
+    async def aresult(self) -> GenerationResult:
+        return self._collect([event async for event in self])
+
+    def _collect(self, events: list[TokenEvent]) -> GenerationResult:
+        last = events[-1]
+        return GenerationResult(
+            request_id=self.request_id,
+            text="".join(e.text for e in events),
+            token_ids=[t for e in events for t in e.token_ids],
+            finish_reason=last.finish_reason or FINISH_CANCELLED,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+        )
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Sequence:
+    """A running request: its ids so far, budget, sampling state and text stream."""
+
+    def __init__(
+        self, handle: RequestHandle, tokenizer: Any, eos: set[int], budget: int,
+        device: torch.device,
+    ) -> None:
+        request = handle.request
+        self.handle = handle
+        self.params = request.params
+        self.eos = eos
+        self.prompt_len = len(request.prompt_ids)
+        self.budget = budget
+        self.generated = 0
+        self.last_token = -1
+        # Prompt and output ids, for the repetition penalty (preallocated as in generate_ids).
+        self.ids = torch.empty(1, self.prompt_len + budget, dtype=torch.long, device=device)
+        self.ids[0, : self.prompt_len] = torch.tensor(request.prompt_ids, dtype=torch.long)
+        self.generator = None
+        if self.params.seed is not None and not self.params.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
+        self.text = IncrementalText(tokenizer, request.stop)
+
+    @property
+    def plain_greedy(self) -> bool:  # argmax over the batch at once
+        return self.params.greedy and self.params.repetition_penalty == 1.0
+
+    def previous_ids(self) -> Tensor:
+        return self.ids[:, : self.prompt_len + self.generated]
+
+    def event(self, text: str, tokens: list[int], finish: str | None) -> TokenEvent:
+        return TokenEvent(text, tokens, finish, self.prompt_len, self.generated)
+
+
+class ContinuousBatchingEngine:
+    """Serve many generation requests at once from one model (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        eos_token_ids: set[int] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise LargeForgeError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue < 0:
+            raise LargeForgeError(f"max_queue must be >= 0, got {max_queue}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.eos_token_ids = (
+            model_eos_ids(model, tokenizer) if eos_token_ids is None else set(eos_token_ids)
+        )
+        self.context_length: int | None = context_length(model)
+        self.vocab_size: int | None = getattr(model.config, "vocab_size", None)
+        self.device = next(model.parameters()).device
+        accepted = _forward_params(type(model))
+        self._extra: dict[str, Any] = {}
+        if "logits_to_keep" in accepted:  # only the last position's logits are needed
+            self._extra["logits_to_keep"] = 1
+        self._wants_cache_position = "cache_position" in accepted  # transformers 4.x
+
+        self._lock = threading.Condition()
+        self._waiting: deque[RequestHandle] = deque()
+        self._running: list[_Sequence] = []  # row i of self._batch is self._running[i]
+        self._batch = PaddedKVBatch()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._closed = False
+        self._total_requests = 0
+        self._total_prompt_tokens = 0
+        self._total_completion_tokens = 0
+
+    # --- public API ---
+    def start(self) -> None:
+        """Start the scheduler thread (once)."""
+        with self._lock:
+            if self._closed:
+                raise LargeForgeError("the engine has been shut down")
+            if self._thread is not None:
+                return
+            self.model.eval()
+            self._thread = threading.Thread(
+                target=self._loop, name="largeforge-engine", daemon=True
+            )
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the scheduler; requests still waiting or running end "cancelled"."""
+        with self._lock:
+            self._stopping = self._closed = True
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for handle in waiting:
+            handle._emit(TokenEvent("", [], FINISH_CANCELLED, len(handle.request.prompt_ids), 0))
+        for seq in self._running:
+            seq.handle._emit(seq.event("", [], FINISH_CANCELLED))
+        self._running = []
+        self._batch.keep([])
+
+    def __enter__(self) -> ContinuousBatchingEngine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue `request`; events come through the returned handle.
+
+        Requests wait in the queue until the scheduler's next step admits them; `max_queue`
+        more may wait than there are free batch slots. Raises `QueueFullError` beyond that, and
+        `LargeForgeError` for an empty prompt, ids outside the vocabulary, or a prompt plus
+        `max_new_tokens` longer than the model's context.
+        """
+        ids = request.prompt_ids
+        if not ids:
+            raise LargeForgeError("the prompt has no tokens")
+        if self.vocab_size is not None and not all(0 <= t < self.vocab_size for t in ids):
+            raise LargeForgeError(
+                f"the prompt has token ids outside the model's vocabulary of {self.vocab_size}"
+            )
+        limit = self.context_length
+        total = len(ids) + request.params.max_new_tokens
+        if limit is not None and total > limit:
+            raise LargeForgeError(
+                f"the prompt ({len(ids)} tokens) plus max_new_tokens "
+                f"({request.params.max_new_tokens}) is {total} tokens, more than the model's "
+                f"context of {limit} tokens"
+            )
+        handle = RequestHandle(request, self)
+        with self._lock:
+            if self._closed:
+                raise LargeForgeError("the engine has been shut down")
+            free_slots = max(0, self.max_batch_size - len(self._running))
+            if len(self._waiting) >= self.max_queue + free_slots:
+                raise QueueFullError(
+                    f"the queue is full ({len(self._waiting)} requests waiting, at most "
+                    f"{self.max_queue} beyond the free batch slots); try again later"
+                )
+            self._waiting.append(handle)
+            self._total_requests += 1
+            self._lock.notify_all()
+        return handle
+
+    @property
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return EngineStats(
+                queue_depth=len(self._waiting),
+                running=len(self._running),
+                max_batch_size=self.max_batch_size,
+                max_queue=self.max_queue,
+                total_requests=self._total_requests,
+                total_prompt_tokens=self._total_prompt_tokens,
+                total_completion_tokens=self._total_completion_tokens,
+            )
+
+    # --- scheduler ---
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._lock:
+            try:
+                self._waiting.remove(handle)
+            except ValueError:  # running (dropped at the next step) or finished
+                self._lock.notify_all()
+                return
+        handle._emit(TokenEvent("", [], FINISH_CANCELLED, len(handle.request.prompt_ids), 0))
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving
+                message = f"{type(exc).__name__}: {exc}"
+                for seq in self._running:
+                    seq.handle._fail(message)
+                self._running = []
+                self._batch.keep([])
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, seq in enumerate(self._running) if not seq.handle.cancel_requested]
+        if len(keep) == len(self._running):
+            return
+        for seq in self._running:
+            if seq.handle.cancel_requested:
+                seq.handle._emit(seq.event("", [], FINISH_CANCELLED))
+        self._remove(keep)
+
+    def _remove(self, keep: list[int]) -> None:
+        self._running = [self._running[i] for i in keep]
+        self._batch.keep(keep)
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_batch_size:
+            with self._lock:
+                if not self._waiting:
+                    return
+                handle = self._waiting.popleft()
+                self._total_prompt_tokens += len(handle.request.prompt_ids)
+            try:
+                self._prefill(handle)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the batch goes on
+                # A failed prefill leaves the running batch untouched.
+                handle._fail(f"{type(exc).__name__}: {exc}")
+
+    def _prefill(self, handle: RequestHandle) -> None:
+        request = handle.request
+        prompt_len = len(request.prompt_ids)
+        budget = request.params.max_new_tokens
+        if self.context_length is not None:
+            budget = min(budget, self.context_length - prompt_len)
+        eos = self.eos_token_ids if request.eos_token_ids is None else set(request.eos_token_ids)
+        seq = _Sequence(handle, self.tokenizer, eos, max(budget, 0), self.device)
+        if budget <= 0:
+            self._finish(seq, [], FINISH_LENGTH)
+            return
+        cache = new_cache()
+        extra = dict(self._extra)
+        positions = torch.arange(prompt_len, device=self.device)
+        if self._wants_cache_position:
+            extra["cache_position"] = positions
+        out = self.model(
+            input_ids=seq.ids[:, :prompt_len],
+            position_ids=positions.unsqueeze(0),
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
+        )
+        token = int(self._sample([seq], out.logits[:, -1, :])[0])
+        if self._accept(seq, token):
+            self._batch.add(cache, prompt_len)
+            self._running.append(seq)
+
+    def _decode(self) -> None:
+        seqs = self._running
+        input_ids = torch.tensor(
+            [[seq.last_token] for seq in seqs], dtype=torch.long, device=self.device
+        )
+        mask, positions = self._batch.step_inputs(self.device)
+        extra = dict(self._extra)
+        if self._wants_cache_position:
+            extra["cache_position"] = torch.arange(
+                self._batch.width, self._batch.width + 1, device=self.device
+            )
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._batch.cache,
+            use_cache=True,
+            **extra,
+        )
+        self._batch.advance()
+        tokens = self._sample(seqs, out.logits[:, -1, :])
+        keep = [i for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True))
+                if self._accept(seq, token)]
+        if len(keep) < len(seqs):
+            self._remove(keep)
+
+    def _sample(self, seqs: list[_Sequence], logits: Tensor) -> list[int]:
+        """One token per row, each with its sequence's params and generator."""
+        tokens: list[int] = [0] * len(seqs)
+        plain = [i for i, seq in enumerate(seqs) if seq.plain_greedy]
+        if plain:
+            rows = torch.tensor(plain, device=logits.device) if len(plain) < len(seqs) else None
+            chosen = (logits if rows is None else logits.index_select(0, rows))
+            for i, token in zip(plain, chosen.float().argmax(dim=-1).tolist(), strict=True):
+                tokens[i] = token
+        for i, seq in enumerate(seqs):
+            if not seq.plain_greedy:
+                token = sample_next_token(
+                    logits[i : i + 1], seq.previous_ids(), seq.params, seq.generator
+                )
+                tokens[i] = int(token.item())
+        return tokens
+
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Record and emit `token`; False when the sequence has finished."""
+        if seq.params.stop_at_eos and token in seq.eos:
+            text, _ = seq.text.flush()
+            self._finish(seq, [], FINISH_STOP, text)
+            return False
+        seq.ids[0, seq.prompt_len + seq.generated] = token
+        seq.generated += 1
+        seq.last_token = token
+        with self._lock:
+            self._total_completion_tokens += 1
+        text, stopped = seq.text.push(token)
+        if stopped:
+            self._finish(seq, [token], FINISH_STOP, text)
+            return False
+        if seq.generated >= seq.budget:
+            more, stopped = seq.text.flush()
+            self._finish(seq, [token], FINISH_STOP if stopped else FINISH_LENGTH, text + more)
+            return False
+        seq.handle._emit(seq.event(text, [token], None))
+        return True
+
+    def _finish(self, seq: _Sequence, tokens: list[int], reason: str, text: str = "") -> None:
+        seq.handle._emit(seq.event(text, tokens, reason))
