@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: quickstart test browser lint bench clean
+.PHONY: quickstart test test-tools lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,19 +27,23 @@ quickstart: $(VENV)/.installed
 	$(BIN)/largeforge doctor
 	$(BIN)/largeforge quickstart
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed test-tools
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
-# The report tests open report.html in headless Chromium: Debian's package, driven through
-# playwright's Python API (playwright's own browser download is never used).
-CHROMIUM ?= /usr/bin/chromium
-browser:
-	@test -x $(CHROMIUM) || { \
-	  echo "installing Debian's chromium for the report tests"; \
+# Debian packages the tests use, installed when missing: chromium (report.html is opened in
+# it headless, through playwright's Python API; playwright's own browser download is never
+# used) and golang-go (the Ollama Modelfile's template is rendered by Go's text/template, as
+# Ollama renders it).
+test-tools:
+	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v go >/dev/null || missing="$$missing golang-go"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the tests:$$missing"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
+	  $$SUDO apt-get install -y -q $$missing >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q $$missing >/dev/null; }; \
+	fi
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks

@@ -1,0 +1,274 @@
+"""Export for Ollama: a directory with `model.gguf` and a `Modelfile`.
+
+The Modelfile's `TEMPLATE` is the model's chat template written in Ollama's Go template syntax
+(`text/template` over `.Messages`, each with `.Role` and `.Content`). Ollama has no Jinja, so
+the known templates are translated by hand, one Go template per built-in template of
+`largeforge.chat_templates`, looked up by the template text. Each renders a conversation to the
+same text as the Jinja template with `add_generation_prompt=True` (the tests render both, the Go
+one with Go's real `text/template`), with two differences Go cannot avoid:
+
+- Ollama has no `trim`, so the Llama 2 and Llama 3 templates use message contents as they are
+  (the Jinja ones trim surrounding whitespace);
+- a conversation ending with an assistant message is left open for the model to continue (as
+  Ollama's own templates do: a "prefill"), rather than closed and followed by a new cue.
+
+Ollama tokenises the rendered text with special tokens parsed and adds BOS only when the GGUF
+says so; the Go templates write every BOS the Jinja one writes, and the GGUF's `add_bos_token`
+is set the way `largeforge chat` encodes a prompt (BOS only when the tokenizer adds one and the
+template did not write it), so Ollama feeds the model the same tokens as `largeforge chat`.
+
+A model without a chat template gets the plain completion template `{{ .Prompt }}`; an unknown
+Jinja template is an error (name a built-in with `chat_template=`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from largeforge.chat_templates import BUILTIN_TEMPLATES, builtin_name, render, tokenizer_adds_bos
+from largeforge.errors import LargeForgeError
+from largeforge.export.gguf import check_dtype, load_fp32, write_gguf
+from largeforge.inference.sampling import SamplingParams
+
+GGUF_NAME = "model.gguf"
+MODELFILE_NAME = "Modelfile"
+
+# Stand-ins for the tokenizer's BOS and EOS strings, filled in per model.
+BOS, EOS = "\x00BOS\x00", "\x00EOS\x00"
+
+# `$last` is true on the last message: Go templates cannot subtract, so it is "one message
+# from here to the end".
+_LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
+_IS_FIRST_AFTER_SYSTEM = '(and (eq $i 1) (eq (index $.Messages 0).Role "system"))'
+
+_ROLE_BLOCKS = {
+    # <start><role><sep>content<end>, then the assistant cue after a last non-assistant turn.
+    "chatml": ("<|im_start|>", "\n", "<|im_end|>\n", "<|im_start|>assistant\n"),
+    "phi-3": ("<|", "|>\n", "<|end|>\n", "<|assistant|>\n"),
+    "zephyr": ("<|", "|>\n", EOS + "\n", "<|assistant|>\n"),
+    "llama-3": ("<|start_header_id|>", "<|end_header_id|>\n\n", "<|eot_id|>",
+                "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+}
+
+
+def _role_block_template(start: str, sep: str, end: str, cue: str, bos: bool) -> str:
+    return (
+        (BOS if bos else "")
+        + "{{- range $i, $m := .Messages }}" + _LAST
+        + start + "{{ $m.Role }}" + sep + "{{ $m.Content }}"
+        + '{{ if or (ne $m.Role "assistant") (not $last) }}' + end + "{{ end }}"
+        + '{{ if and $last (ne $m.Role "assistant") }}' + cue + "{{ end }}"
+        + "{{- end }}"
+    )
+
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request."
+)
+
+_ALPACA = (
+    '{{- if not (and .Messages (eq (index .Messages 0).Role "system")) }}'
+    + ALPACA_PREAMBLE + "\n\n{{ end }}"
+    + "{{- range $i, $m := .Messages }}" + _LAST
+    + '{{ if eq $m.Role "system" }}{{ if eq $i 0 }}{{ $m.Content }}\n\n{{ end }}'
+    + '{{ else if eq $m.Role "user" }}### Instruction:\n{{ $m.Content }}\n\n'
+    + '{{ else if eq $m.Role "assistant" }}### Response:\n{{ $m.Content }}'
+    + "{{ if not $last }}" + EOS + "\n\n{{ end }}{{ end }}"
+    + '{{ if and $last (ne $m.Role "assistant") }}### Response:\n{{ end }}'
+    + "{{- end }}"
+)
+
+_LLAMA_2 = (
+    "{{- range $i, $m := .Messages }}" + _LAST
+    + '{{ if eq $m.Role "user" }}' + BOS + "[INST] "
+    + "{{ if " + _IS_FIRST_AFTER_SYSTEM + " }}"
+    + "<<SYS>>\n{{ (index $.Messages 0).Content }}\n<</SYS>>\n\n{{ end }}"
+    + "{{ $m.Content }} [/INST]"
+    + '{{ else if eq $m.Role "assistant" }} {{ $m.Content }}{{ if not $last }} ' + EOS + "{{ end }}"
+    + "{{ end }}"
+    + "{{- end }}"
+)
+
+_MISTRAL = (
+    BOS + "{{- range $i, $m := .Messages }}" + _LAST
+    + '{{ if eq $m.Role "user" }}[INST] '
+    + "{{ if " + _IS_FIRST_AFTER_SYSTEM + " }}{{ (index $.Messages 0).Content }}\n\n{{ end }}"
+    + "{{ $m.Content }}[/INST]"
+    + '{{ else if eq $m.Role "assistant" }} {{ $m.Content }}{{ if not $last }}' + EOS + "{{ end }}"
+    + "{{ end }}"
+    + "{{- end }}"
+)
+
+GO_TEMPLATES: dict[str, str] = {
+    "chatml": _role_block_template(*_ROLE_BLOCKS["chatml"], bos=False),
+    "phi-3": _role_block_template(*_ROLE_BLOCKS["phi-3"], bos=False),
+    "zephyr": _role_block_template(*_ROLE_BLOCKS["zephyr"], bos=False),
+    "llama-3": _role_block_template(*_ROLE_BLOCKS["llama-3"], bos=True),
+    "alpaca": _ALPACA,
+    "llama-2": _LLAMA_2,
+    "mistral": _MISTRAL,
+}
+
+# Where the model's turn ends, and where the next user turn would start: generation stops at
+# either (EOS stops llama.cpp by itself too, but as text it also catches a spelled-out one).
+STOPS: dict[str, tuple[str, ...]] = {
+    "chatml": ("<|im_end|>", "<|im_start|>"),
+    "phi-3": ("<|end|>", "<|user|>"),
+    "zephyr": (EOS, "<|user|>"),
+    "llama-3": ("<|eot_id|>", "<|start_header_id|>"),
+    "alpaca": (EOS, "### Instruction:"),
+    "llama-2": (EOS, "[INST]"),
+    "mistral": (EOS, "[INST]"),
+}
+
+# A system prompt the template uses when the conversation has none.
+DEFAULT_SYSTEM: dict[str, str] = {"alpaca": ALPACA_PREAMBLE}
+
+PLAIN_TEMPLATE = "{{ .Prompt }}"
+
+
+@dataclass
+class OllamaTemplate:
+    """A chat template in Ollama's terms."""
+
+    name: str | None  # the built-in it was recognised as; None for plain completion
+    template: str
+    stops: list[str]
+    system: str | None
+    writes_bos: bool  # whether the rendered text starts with BOS
+
+
+def template_name(jinja: str) -> str | None:
+    """The built-in template `jinja` is (compared without surrounding whitespace), or None."""
+    text = jinja.strip()
+    for name, builtin in BUILTIN_TEMPLATES.items():
+        if builtin.strip() == text:
+            return name
+    return None
+
+
+def ollama_template(tokenizer: Any, jinja: str | None) -> OllamaTemplate:
+    """Translate a Jinja chat template (None: the model has none) for Ollama."""
+    if jinja is None:
+        return OllamaTemplate(None, PLAIN_TEMPLATE, [], None, writes_bos=False)
+    name = template_name(jinja)
+    if name is None:
+        raise LargeForgeError(
+            "the model's chat template is not one of LargeForge's built-in templates, and "
+            "Ollama needs it in Go template syntax, which is only known for those; export "
+            f"with chat_template set to one of {', '.join(BUILTIN_TEMPLATES)}"
+        )
+    bos = tokenizer.bos_token or ""
+    eos = tokenizer.eos_token or ""
+    template = GO_TEMPLATES[name].replace(BOS, bos).replace(EOS, eos)
+    stops = [stop.replace(EOS, eos) for stop in STOPS[name]]
+    probe = [{"role": "user", "content": "x"}]
+    first = render(tokenizer, probe, jinja, add_generation_prompt=True)
+    return OllamaTemplate(
+        name=name,
+        template=template,
+        stops=[s for s in dict.fromkeys(stops) if s],
+        system=DEFAULT_SYSTEM.get(name),
+        writes_bos=bool(bos) and first.startswith(bos),
+    )
+
+
+def _quoted(text: str) -> str:
+    if '"""' in text:
+        raise LargeForgeError(f'cannot write {text[:40]!r}... in a Modelfile: it holds """')
+    return f'"""{text}"""'
+
+
+def _parameter_value(value: str) -> str:
+    # Ollama reads a PARAMETER value up to the end of the line; quoted, it may hold spaces.
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def modelfile_text(
+    translated: OllamaTemplate,
+    *,
+    context_length: int | None,
+    temperature: float | None = None,
+    gguf_name: str = GGUF_NAME,
+) -> str:
+    """The Modelfile for a GGUF next to it and a translated template."""
+    if temperature is None:
+        temperature = SamplingParams().temperature  # what `largeforge generate` uses
+    lines = [f"FROM ./{gguf_name}", "", f"TEMPLATE {_quoted(translated.template)}"]
+    if translated.system is not None:
+        lines.append(f"SYSTEM {_quoted(translated.system)}")
+    lines.append("")
+    lines += [f"PARAMETER stop {_parameter_value(stop)}" for stop in translated.stops]
+    lines.append(f"PARAMETER temperature {temperature:g}")
+    if context_length:
+        lines.append(f"PARAMETER num_ctx {int(context_length)}")
+    return "\n".join(lines) + "\n"
+
+
+def export_ollama(
+    model_ref: str | Path,
+    output: Path,
+    *,
+    dtype: str = "q8_0",
+    chat_template: str | None = None,
+    temperature: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `output/model.gguf` and `output/Modelfile` for `ollama create NAME -f Modelfile`.
+
+    `chat_template` (a built-in name) replaces the model's own template, in the Modelfile and
+    in the GGUF. `output` may be new, empty or a previous export (only those two files); a
+    directory holding anything else is replaced whole only with `overwrite`. The export is
+    staged beside `output` and renamed into place, and nothing is written when a check fails.
+    """
+    from largeforge.chat_templates import get_template
+    from largeforge.export.source import staged_output
+
+    check_dtype(dtype)
+    output = Path(output).expanduser()
+    _check_output_dir(output, overwrite)
+    if chat_template is not None and builtin_name(chat_template) is None:
+        raise LargeForgeError(
+            f"unknown chat template {chat_template!r} for Ollama; expected one of "
+            f"{', '.join(BUILTIN_TEMPLATES)}"
+        )
+    model, tokenizer = load_fp32(model_ref)
+    jinja = get_template(chat_template) if chat_template else _own_template(tokenizer)
+    translated = ollama_template(tokenizer, jinja)
+    if jinja is None:
+        add_bos = None  # plain completion: as `largeforge generate` encodes a prompt
+    else:
+        add_bos = tokenizer_adds_bos(tokenizer) and not translated.writes_bos
+    modelfile = modelfile_text(
+        translated,
+        context_length=getattr(model.config, "max_position_embeddings", None),
+        temperature=temperature,
+    )
+    with staged_output(output, overwrite=True) as staging:  # checked above
+        write_gguf(model, tokenizer, staging / GGUF_NAME, dtype=dtype, add_bos=add_bos,
+                   chat_template=jinja)
+        (staging / MODELFILE_NAME).write_text(modelfile, encoding="utf-8")
+    return output
+
+
+def _own_template(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    return template or None
+
+
+def _check_output_dir(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise LargeForgeError(f"Ollama output {output} is a file; give a directory")
+    if output.is_dir() and not overwrite:
+        others = sorted(p.name for p in output.iterdir()
+                        if p.name not in (GGUF_NAME, MODELFILE_NAME))
+        if others:
+            raise LargeForgeError(
+                f"Ollama output {output} holds other files ({', '.join(others[:5])}); give an "
+                "empty or new directory, or overwrite (--overwrite) to replace it"
+            )
