@@ -12,6 +12,7 @@ import traceback
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from largeforge.errors import LargeForgeError
 
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except LargeForgeError as exc:
         if debug:
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        # The message is text, not markup: paths and library messages may hold "[...]".
+        err_console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
