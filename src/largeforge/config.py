@@ -175,6 +175,14 @@ class TrainSection(_Section):
     compile: bool = False
     gradient_checkpointing: bool = False
     threads: int | None = Field(None, gt=0, description="torch intra-op threads")
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto", description="several processes (torchrun, --nproc): ddp replicates the model, "
+        "fsdp shards it (FSDP2); auto: ddp under torchrun with 2+ processes, else none",
+    )
+    dist_timeout: float = Field(
+        600.0, gt=0, description="seconds a process waits for the others (a collective, a "
+        "barrier) before the run fails",
+    )
 
 
 class OutputSection(_Section):
@@ -201,7 +209,8 @@ class Recipe(_Section):
 
 
 # Keys that may change between a run and its resumption without changing its results.
-RESUME_IGNORED_KEYS = {"train.log_every", "train.threads", "output.dir", "output.name"}
+RESUME_IGNORED_KEYS = {"train.log_every", "train.threads", "train.dist_timeout", "output.dir",
+                       "output.name"}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`largeforge checkpoints cleanup`: free the disk a run's surplus checkpoints take."""
+"""`largeforge checkpoints cleanup`: free the disk a run's surplus checkpoints take;
+`largeforge checkpoints consolidate`: a sharded (FSDP) checkpoint as an HF model directory."""
 
 from __future__ import annotations
 
@@ -55,6 +56,41 @@ def cleanup_command(
         console.print(f"dry run: would free {total} in {len(result.removed)} checkpoint(s)")
     else:
         console.print(f"freed {total} in {len(result.removed)} checkpoint(s)")
+
+
+@checkpoints_app.command("consolidate")
+def consolidate_command(
+    run: str = typer.Argument(
+        ..., help="A run (its directory or registry name), or a checkpoint directory."
+    ),
+    checkpoint: str = typer.Option(
+        "latest", "--checkpoint", help="Which checkpoint of the run: step-N or latest."
+    ),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="Directory to write (default RUN/consolidated/step-N)."
+    ),
+    registry: Path | None = typer.Option(
+        None, "--registry", help="Registry to look a run name up in (default: "
+        "$LARGEFORGE_REGISTRY, else ~/.largeforge/registry.db)."
+    ),
+) -> None:
+    """Turn a sharded (FSDP) checkpoint into a Hugging Face model directory (config.json,
+    model.safetensors, tokenizer), in one process: every other command then takes it."""
+    from largeforge.registry import Registry, resolve_run_dir
+    from largeforge.training.checkpoint import STATE_FILE
+    from largeforge.training.distributed import consolidate_checkpoint, run_checkpoint
+
+    path = Path(run).expanduser()
+    if (path / STATE_FILE).is_file():  # a checkpoint directory itself
+        ckpt = path
+        default_output = path.parent.parent / "consolidated" / path.name
+    else:
+        reg = Registry(registry, create=False) if registry is not None else None
+        run_dir = resolve_run_dir(run, reg)
+        ckpt = run_checkpoint(run_dir, checkpoint)
+        default_output = run_dir / "consolidated" / ckpt.name
+    target = consolidate_checkpoint(ckpt, output or default_output)
+    Console(highlight=False).print(f"consolidated {ckpt} -> {target}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

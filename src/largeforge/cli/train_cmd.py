@@ -13,6 +13,55 @@ from largeforge.cli import recipe_options as ro
 if TYPE_CHECKING:  # imported when used, so `largeforge --help` does not load torch
     from largeforge.training.loop import TrainResult
 
+NprocOpt = typer.Option(
+    None, "--nproc", metavar="N",
+    help="Train on N processes of this machine: launches torchrun with this same command "
+    "(train.distributed auto = DDP; --set train.distributed=fsdp shards the model).",
+)
+
+
+def _launch_if_asked(ctx: typer.Context, nproc: int | None) -> bool:
+    """With --nproc N: run this command again on N processes through torchrun, without
+    --nproc; True when it did (the caller is then done)."""
+    if nproc is None:
+        return False
+    from largeforge.training.distributed import launch
+
+    launch(nproc, command_args(ctx, leave_out={"nproc"}))
+    return True
+
+
+def command_args(
+    ctx: typer.Context, leave_out: frozenset[str] | set[str] = frozenset()
+) -> list[str]:
+    """The command line that gave `ctx` (the command words and every option given on the
+    command line), rebuilt from what click parsed, minus the parameters in `leave_out`."""
+    args = ctx.command_path.split()[1:]
+    for param in ctx.command.params:
+        name = param.name or ""
+        # Compared by name: typer vendors its own click, whose enum is not click's.
+        source = getattr(ctx.get_parameter_source(name), "name", None)
+        if name in leave_out or source != "COMMANDLINE":
+            continue
+        value = ctx.params[name]
+        opts = getattr(param, "opts", [])
+        if not opts or param.param_type_name == "argument":
+            args += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+            continue
+        flag = max(opts, key=len)
+        if getattr(param, "is_flag", False):
+            secondary = getattr(param, "secondary_opts", [])
+            if value:
+                args.append(flag)
+            elif secondary:
+                args.append(max(secondary, key=len))
+        elif getattr(param, "multiple", False):
+            for item in value:
+                args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    return args
+
 
 def train_command(
     ctx: typer.Context,
@@ -34,11 +83,18 @@ def train_command(
     verify_only: bool = typer.Option(
         False, "--verify-only", help="Check data, tokenizer, model and output; do not train."
     ),
+    nproc: int | None = NprocOpt,
 ) -> None:
     """Pretrain a Llama-style model on text, or train one on instruction and chat data
     (alpaca, sharegpt, messages), as the recipe says; or continue a run. `train sft` fine-tunes
     an existing model."""
     if ctx.invoked_subcommand is not None:
+        if nproc is not None:
+            from largeforge.errors import LargeForgeError
+
+            raise LargeForgeError(f"put --nproc after `{ctx.invoked_subcommand}`")
+        return
+    if _launch_if_asked(ctx, nproc):
         return
     resolved = ro.resolve(
         config, strategy, strategy_file, overrides, data=data, preset=preset,
@@ -110,11 +166,14 @@ def sft_command(
     verify_only: bool = typer.Option(
         False, "--verify-only", help="Check data, model and output; do not train."
     ),
+    nproc: int | None = NprocOpt,
 ) -> None:
     """Fine-tune an existing causal LM on instruction or chat data: full, LoRA or QLoRA.
 
     LoRA runs save PEFT adapters (adapter_config.json + adapter_model.safetensors) in final/;
     `largeforge merge` folds them into the base."""
+    if _launch_if_asked(ctx, nproc):
+        return
     from largeforge.errors import LargeForgeError
     from largeforge.training.sft import resolve_sft_recipe
 
@@ -152,7 +211,9 @@ def sft_command(
     )
     if not result.verified_only:
         print_summary(result, console)
-        if result.model is not None and resolved.recipe.train.method != "full":
+        if result.model is not None and resolved.recipe.train.method != "full" and (
+            result.rank == 0
+        ):
             console.print(
                 f"adapter (PEFT format) in {result.final_dir}; merge it with: largeforge merge "
                 f"--adapter {result.final_dir} --output {result.run_dir}-merged"
@@ -212,6 +273,8 @@ def distill_command(
 
 
 def print_summary(result: TrainResult, console: Console) -> None:
+    if result.rank != 0:  # under torchrun, rank 0 speaks for every process
+        return
     console.print(f"[bold green]done[/]: {result.steps} steps in {result.run_dir}")
     if result.best_val_loss is not None:
         console.print(f"best val loss {result.best_val_loss:.4f} -> {result.best_dir}")

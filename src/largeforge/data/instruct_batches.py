@@ -72,14 +72,21 @@ class EpochBatches:
         """Batches per epoch."""
         return len(self._batches)
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def _next_planned(self) -> list[Any]:
         if self.position >= len(self._batches):
             self.epoch += 1
             self.position = 0
             self._batches = self._plan(self.epoch)
         batch = self._batches[self.position]
         self.position += 1
-        return self._collate(batch)
+        return batch
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self._collate(self._next_planned())
+
+    def skip_batch(self) -> None:
+        """Move past the next batch without collating it (another process trains on it)."""
+        self._next_planned()
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,

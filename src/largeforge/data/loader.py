@@ -35,18 +35,26 @@ class PretrainBatches:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.n_windows, generator=generator)
 
+    def _next_window(self) -> int:
+        """The start of the next window in the visiting order."""
+        if self.position >= self.n_windows:
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation(self.epoch)
+        start = int(self._order[self.position]) * self.seq_len
+        self.position += 1
+        return start
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = []
-        for _ in range(self.batch_size):
-            if self.position >= self.n_windows:
-                self.epoch += 1
-                self.position = 0
-                self._order = self._permutation(self.epoch)
-            start = int(self._order[self.position]) * self.seq_len
-            rows.append(self.tokens.window(start, self.seq_len + 1))
-            self.position += 1
+        rows = [self.tokens.window(self._next_window(), self.seq_len + 1)
+                for _ in range(self.batch_size)]
         block = torch.stack(rows)
         return block[:, :-1].contiguous(), block[:, 1:].contiguous()
+
+    def skip_batch(self) -> None:
+        """Move past the next batch without reading it (another process trains on it)."""
+        for _ in range(self.batch_size):
+            self._next_window()
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed,

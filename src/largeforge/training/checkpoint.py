@@ -9,6 +9,7 @@ moment leaves `latest` naming a complete checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -25,6 +26,8 @@ from largeforge.errors import LargeForgeError
 from largeforge.runs import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
 
 STATE_FILE = "training_state.pt"
+# Written by runs on several processes (training/distributed.py): how many and in which mode.
+DISTRIBUTED_FILE = "distributed.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -48,7 +51,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 
-def _save_hf(model: Any, tokenizer: Any, directory: Path) -> None:
+def write_model_files(model: Any, tokenizer: Any, directory: Path) -> None:
     """save_pretrained without transformers' per-save progress bar (the loop has its own)."""
     from transformers.utils import logging as hf_logging
 
@@ -68,7 +71,7 @@ def save_model_dir(model: Any, tokenizer: Any, directory: Path) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
-        _save_hf(model, tokenizer, tmp)
+        write_model_files(model, tokenizer, tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -95,15 +98,37 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write `checkpoints/step-N/`, point `latest` at it, and prune old checkpoints."""
+    tmp = new_checkpoint_dir(run_dir, step)
+    try:
+        write_model_files(model, tokenizer, tmp)
+        write_checkpoint_state(tmp, training_state, recipe_yaml)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return commit_checkpoint(run_dir, tmp, step, keep)
+
+
+def new_checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """A fresh temporary directory next to where `step-N/` will go, to fill and commit."""
     root = run_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
+
+
+def write_checkpoint_state(
+    directory: Path, training_state: dict[str, Any], recipe_yaml: str
+) -> None:
+    """The recipe and `training_state.pt` (with this process's RNG states) of a checkpoint."""
+    (directory / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    state = dict(training_state, rng=capture_rng_state())
+    torch.save(state, directory / STATE_FILE)
+
+
+def commit_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int) -> Path:
+    """Rename a filled temporary directory to `step-N/`, then point `latest` at it and prune."""
+    root = run_dir / CHECKPOINTS_DIR
     final = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
     try:
-        _save_hf(model, tokenizer, tmp)
-        (tmp / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
-        state = dict(training_state, rng=capture_rng_state())
-        torch.save(state, tmp / STATE_FILE)
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,3 +174,11 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
         raise LargeForgeError(f"{checkpoint} is not a complete checkpoint: no {STATE_FILE}")
     # weights_only=False: the state holds Python RNG tuples and numpy arrays we wrote ourselves.
     return torch.load(state_file, map_location="cpu", weights_only=False)
+
+
+def checkpoint_world_size(checkpoint: Path) -> int:
+    """How many processes trained the run that wrote `checkpoint` (1 without distributed.json)."""
+    path = checkpoint / DISTRIBUTED_FILE
+    if not path.is_file():
+        return 1
+    return int(json.loads(path.read_text(encoding="utf-8")).get("world_size", 1))

@@ -54,12 +54,30 @@ from largeforge.models import build_model, count_parameters, flops_per_token, lo
 from largeforge.registry import RunRecorder
 from largeforge.tokenizer import MIN_VOCAB_SIZE, load_tokenizer, train_tokenizer
 from largeforge.training.checkpoint import (
+    checkpoint_world_size,
     load_training_state,
     restore_rng_state,
     save_checkpoint,
-    save_model_dir,
 )
 from largeforge.training.cross_entropy import IGNORE_INDEX
+from largeforge.training.distributed import (
+    Distributed,
+    check_supported,
+    collective_errors,
+    eval_shard,
+    grad_norm_value,
+    init_distributed,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_full_weights,
+    no_sync,
+    run_device,
+    save_model,
+    shard_batches,
+    shutdown,
+    wrap_model,
+)
+from largeforge.training.distributed import save_checkpoint as save_distributed_checkpoint
 from largeforge.training.logging import MetricsLogger, ProgressReporter
 from largeforge.training.objectives import causal_lm_loss, instruction_loss
 from largeforge.training.run_dir import claim_run_dir, write_run_state
@@ -70,7 +88,6 @@ from largeforge.training.setup import (
     decide_data_kind,
     default_template,
     distill_objective,
-    load_weights,
     model_for_run,
     preference_objective,
 )
@@ -97,6 +114,7 @@ class TrainResult:
     device: str = ""
     precision: str = ""
     overfitting_warnings: int = 0
+    rank: int = 0  # this process's rank under torchrun: rank 0 reports
     model: Any = field(default=None, repr=False)  # the trained module, for library users
 
 
@@ -116,15 +134,51 @@ def train(
     `sft`: the data must be instruction or chat records (`train sft`, `SFTTrainer`).
     """
     console = console or Console()
-    # The runs registry (largeforge.registry): the run is recorded once its directory is
-    # claimed; an exception after that marks it failed. The recorder never raises.
-    recorder = RunRecorder(console)
+    plain = recipe.recipe if isinstance(recipe, ResolvedRecipe) else recipe
+    # Under torchrun (or with train.distributed set) this process joins the process group;
+    # rank 0 alone prints, logs and records, the others train alongside it.
+    d = init_distributed(plain.train.distributed, detect_device(plain.train.device),
+                         plain.train.dist_timeout)
+    ok = False
     try:
-        return _train(recipe, resume=resume, overwrite=overwrite, verify_only=verify_only,
-                      console=console, sft=sft, recorder=recorder)
-    except BaseException as exc:
-        _record_failure(recorder, exc)
-        raise
+        if not d.is_main:
+            console = Console(quiet=True)
+        # The runs registry (largeforge.registry): the run is recorded once its directory is
+        # claimed; an exception after that marks it failed. The recorder never raises.
+        recorder: Any = RunRecorder(console) if d.is_main else _OtherRankRecorder()
+        try:
+            with collective_errors(d):
+                result = _train(plain, resume=resume, overwrite=overwrite,
+                                verify_only=verify_only, console=console, sft=sft,
+                                recorder=recorder, dist=d)
+            ok = True
+            return result
+        except BaseException as exc:
+            _record_failure(recorder, exc)
+            raise
+    finally:
+        shutdown(d, ok=ok)
+
+
+class _OtherRankRecorder:
+    """Ranks other than 0 leave the runs registry to rank 0."""
+
+    record = None
+
+    def start(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    update = checkpoint = finish = fail = start
+
+
+class _OtherRankLogger:
+    """Ranks other than 0 leave metrics.jsonl and TensorBoard to rank 0."""
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _record_failure(recorder: RunRecorder, exc: BaseException) -> None:
@@ -146,10 +200,12 @@ def _train(
     verify_only: bool,
     console: Console,
     sft: bool,
-    recorder: RunRecorder,
+    recorder: Any,
+    dist: Distributed,
 ) -> TrainResult:
     if isinstance(recipe, ResolvedRecipe):
         recipe = recipe.recipe
+    d = dist
     say = console.print
     cfg_t, cfg_d = recipe.train, recipe.data
     run_dir = recipe.run_dir
@@ -163,10 +219,12 @@ def _train(
         raise LargeForgeError("no training data: set data.train in the recipe or pass --data")
     kind = decide_data_kind(recipe, sft=sft)
     check_method(recipe, kind)
+    check_supported(recipe, d)
     sources = resolve_sources(cfg_d.train) if kind == "pretrain" else []
     # Check everything before touching the output directory: a run that fails to start must
     # not have replaced (with --overwrite) or half-written anything.
-    checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite, dry_run=True)
+    checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite, dry_run=True,
+                               world_size=d.world_size)
     conversations: list = []
     eval_conversations: list = []
     fmt = ""
@@ -196,7 +254,7 @@ def _train(
         return _verify(recipe, sources, run_dir, say, conversations, fmt)
     if cfg_t.threads:
         torch.set_num_threads(cfg_t.threads)
-    device = detect_device(cfg_t.device)
+    device = run_device(d, detect_device(cfg_t.device))
     precision = resolve_precision(cfg_t.precision, device)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.tokenizer.", dir=_parent(run_dir)))
@@ -206,7 +264,7 @@ def _train(
             (lambda: iter_documents(sources, text_field=cfg_d.text_field,
                                     doc_separator=cfg_d.doc_separator))
         )
-        tokenizer = _tokenizer_for(recipe, checkpoint, texts, staging, say)
+        tokenizer = _tokenizer_for(recipe, checkpoint, texts, staging, say, d)
         corpus: Any
         if kind == "instruction":
             template = cfg_d.chat_template or default_template(recipe, fmt, tokenizer)
@@ -254,13 +312,26 @@ def _train(
         if cfg_t.objective == "distill":
             check_teacher_tokenizer(recipe, tokenizer)
         torch.manual_seed(cfg_t.seed)
-        model = model_for_run(recipe, checkpoint, tokenizer, precision)
+        # A sharded checkpoint is no model directory: the model is built as at the start and
+        # its weights come from the shards once it is sharded.
+        sharded = checkpoint is not None and is_sharded_checkpoint(checkpoint)
+        model = model_for_run(recipe, None if sharded else checkpoint, tokenizer, precision)
+        if d.rank > 0:  # every rank built the same model; dropout differs from here on
+            torch.manual_seed(cfg_t.seed + d.rank)
         release_freed_memory()
         _check_model_fits(model, tokenizer, cfg_d.seq_len)
-        checkpoint = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite)
-        recorder.start(run_dir, recipe, resumed=checkpoint is not None)  # runs registry
-        if any(staging.iterdir()):
-            staging.rename(run_dir / "tokenizer")
+        d.barrier()  # every rank has checked the run directory before rank 0 changes it
+
+        def claim() -> Path | None:
+            claimed = claim_run_dir(run_dir, recipe, resume=resume, overwrite=overwrite,
+                                    world_size=d.world_size)
+            recorder.start(run_dir, recipe, resumed=claimed is not None)  # runs registry
+            if any(staging.iterdir()):
+                staging.rename(run_dir / "tokenizer")
+            return claimed
+
+        claimed = d.on_main(claim)
+        checkpoint = claimed if d.is_main else checkpoint
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(corpus.summary())
@@ -280,16 +351,26 @@ def _train(
         # embedding under LoRA).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    runner: torch.nn.Module = torch.compile(model) if cfg_t.compile else model
+    runner = wrap_model(model, d, device)  # DDP around it, or sharded in place (FSDP)
+    if cfg_t.compile:
+        runner = torch.compile(runner)  # type: ignore[assignment]
+    # DDP's wrapper is for training steps; evaluation runs the model itself on each rank.
+    eval_runner = model if d.mode == "ddp" else runner
 
     optimizer = _make_optimizer(model, recipe, device)
     batches, val, objective = _batch_sources(kind, corpus, tokenizer, recipe)
+    batches = shard_batches(batches, d)
+    val_mine, val_counted = eval_shard(val, d)
     if objective is None:
         objective = preference_objective(recipe, model)
     eval_objective = objective  # distillation is judged by the student's own loss
     if cfg_t.objective == "distill":
         objective = distill_objective(recipe, device, shifted=kind == "pretrain")
-    max_steps = _max_steps(cfg_t, len(batches), say)
+    max_steps = _max_steps(cfg_t, len(batches), say, d.world_size)
+    if d.enabled:
+        b, a, w = cfg_t.batch_size, cfg_t.grad_accum, d.world_size
+        say(f"distributed: {d.describe()}; global batch {b} per process x {a} accumulation x "
+            f"{w} processes = {b * a * w} sequences per step")
 
     state: dict[str, Any] = {
         "step": 0,
@@ -301,11 +382,19 @@ def _train(
     }
     if checkpoint is not None:
         saved = load_training_state(checkpoint)
-        optimizer.load_state_dict(saved["optimizer"])
+        if d.enabled:  # optimizer (and sharded model) state, this rank's RNG states
+            load_checkpoint(d, checkpoint, model, optimizer, saved)
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         batches.load_state_dict(saved["data"])
         state.update({k: saved.get(k, state[k]) for k in state})
-        restore_rng_state(saved["rng"])
+        if not d.enabled:
+            restore_rng_state(saved["rng"])
         say(f"resumed from {checkpoint} at step {state['step']}")
+        written_by = checkpoint_world_size(checkpoint)
+        if written_by != d.world_size:
+            say(f"the checkpoint was written by {written_by} process(es); continuing on "
+                f"{d.world_size}")
 
     flops = flops_per_token(model, cfg_d.seq_len)
     peak = _peak_flops(device, precision)
@@ -313,14 +402,18 @@ def _train(
         f"device {device.type}, precision {precision}, {torch.get_num_threads()} threads; "
         f"peak {peak / 1e9:,.0f} GFLOP/s measured"
     )
-    logger = MetricsLogger(run_dir, resume_step=state["step"] if checkpoint else None)
-    progress = ProgressReporter(max_steps, state["step"], console)
-    write_run_state(
-        run_dir, status="running", step=state["step"], max_steps=max_steps, method=method,
-        parameters=counts["total"], trainable_parameters=counts["trainable"],
-        hardware=_hardware_summary(device, precision, peak),
-        pid=os.getpid(), hostname=socket.gethostname(), error=None,  # `runs` tells dead runs
+    logger: Any = (
+        MetricsLogger(run_dir, resume_step=state["step"] if checkpoint else None) if d.is_main
+        else _OtherRankLogger()
     )
+    progress = ProgressReporter(max_steps, state["step"], console)
+    if d.is_main:
+        write_run_state(
+            run_dir, status="running", step=state["step"], max_steps=max_steps, method=method,
+            parameters=counts["total"], trainable_parameters=counts["trainable"],
+            hardware=_hardware_summary(device, precision, peak, d),
+            pid=os.getpid(), hostname=socket.gethostname(), error=None,  # `runs` tells dead runs
+        )
     recorder.update(step=state["step"], max_steps=max_steps)  # runs registry
     autocast = _autocast(device, precision)
     min_lr = cfg_t.min_lr if cfg_t.min_lr is not None else cfg_t.lr / 10
@@ -332,17 +425,22 @@ def _train(
     speeds: list[float] = []
     mfus: list[float] = []
     result = TrainResult(run_dir=run_dir, steps=state["step"], parameters=counts["total"],
-                         device=device.type, precision=precision)
+                         device=device.type, precision=precision, rank=d.rank)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def save(step: int) -> None:
         training_state = dict(
-            state, optimizer=optimizer.state_dict(), data=batches.state_dict(),
-            scheduler={"kind": "warmup-cosine", "step": step},
+            state, data=batches.state_dict(), scheduler={"kind": "warmup-cosine", "step": step},
         )
+        if d.enabled:  # every rank takes part; rank 0 commits
+            save_distributed_checkpoint(
+                d, run_dir, step, model, optimizer, tokenizer, training_state, recipe.to_yaml(),
+                keep=cfg_t.keep_checkpoints,
+            )
+            return
         save_checkpoint(
-            run_dir, step, model, tokenizer, training_state, recipe.to_yaml(),
-            keep=cfg_t.keep_checkpoints,
+            run_dir, step, model, tokenizer, dict(training_state, optimizer=optimizer.state_dict()),
+            recipe.to_yaml(), keep=cfg_t.keep_checkpoints,
         )
 
     train_loss_sum = torch.zeros((), device=device)
@@ -352,7 +450,15 @@ def _train(
         nonlocal train_loss_sum, train_loss_steps
         if not val:
             return None
-        val_loss = evaluate(runner, val, device, autocast, eval_objective)
+        if d.enabled:  # each rank its share; (loss sum, targets) summed over ranks
+            sums = torch.tensor(
+                _eval_sums(eval_runner, val_mine, device, autocast, eval_objective, val_counted),
+                dtype=torch.float64, device=device,
+            )
+            total, count = d.all_reduce_sum(sums).tolist()
+            val_loss = total / max(count, 1)
+        else:
+            val_loss = evaluate(runner, val, device, autocast, eval_objective)
         record = {"step": step, "val_loss": val_loss, "val_ppl": _ppl(val_loss)}
         logger.log(record)
         progress.update(step, record)
@@ -373,7 +479,7 @@ def _train(
         state["last_eval"] = (val_loss, train_loss)
         if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
             state.update(best_val_loss=val_loss, best_step=step, evals_without_improvement=0)
-            save_model_dir(model, tokenizer, run_dir / "best")
+            save_model(d, model, tokenizer, run_dir / "best")
         else:
             state["evals_without_improvement"] += 1
         return val_loss
@@ -390,15 +496,20 @@ def _train(
             loss_sum = torch.zeros((), device=device)
             step_metrics: dict[str, torch.Tensor] = {}
             tokens_this_step = 0
-            for _ in range(cfg_t.grad_accum):
+            for micro in range(cfg_t.grad_accum):
                 batch = _to_device(batches.next_batch(), device)
                 tokens_this_step += batch["input_ids"].numel()
-                with autocast:
-                    loss, metrics = objective(runner, batch)
-                (loss / cfg_t.grad_accum).backward()
+                with no_sync(runner, d, sync=micro == cfg_t.grad_accum - 1):
+                    with autocast:
+                        loss, metrics = objective(runner, batch)
+                    (loss / cfg_t.grad_accum).backward()
                 loss_sum += loss.detach()
                 for key, value in metrics.items():  # averaged over the micro-batches
                     step_metrics[key] = step_metrics.get(key, 0.0) + value / cfg_t.grad_accum
+            if d.world_size > 1:  # the step's loss and metrics: means over ranks; tokens: sum
+                loss_sum, step_metrics, tokens_this_step = _reduce_step(
+                    d, loss_sum, step_metrics, tokens_this_step
+                )
             train_loss_sum += loss_sum / cfg_t.grad_accum
             train_loss_steps += 1
             grad_norm = (
@@ -421,12 +532,12 @@ def _train(
                     )
                 elapsed = time.perf_counter() - window_start
                 speed = window_tokens / max(elapsed, 1e-9)
-                mfu = flops * speed / peak
+                mfu = flops * speed / (peak * d.world_size)
                 speeds.append(speed)
                 mfus.append(mfu)
                 record = {
                     "step": step, "loss": loss_value, "lr": lr,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "grad_norm": grad_norm_value(grad_norm) if grad_norm is not None else None,
                     "tokens": state["tokens_seen"], "tokens_per_s": speed, "mfu": mfu,
                     **{key: float(value) for key, value in step_metrics.items()},
                 }
@@ -443,7 +554,8 @@ def _train(
             stop_early = bool(patience) and state["evals_without_improvement"] >= (patience or 0)
             if step % save_every == 0 or last or stop_early:
                 save(step)
-                write_run_state(run_dir, status="running", step=step)
+                if d.is_main:
+                    write_run_state(run_dir, status="running", step=step)
                 recorder.checkpoint(run_dir, step, state["best_val_loss"], state["best_step"])
             if evaluated or step % save_every == 0:
                 window_start, window_tokens = time.perf_counter(), 0
@@ -461,12 +573,12 @@ def _train(
     if cfg_t.load_best_at_end and best_dir.is_dir() and state["best_step"] not in (
         None, state["step"]
     ):
-        load_weights(model, best_dir)
+        load_full_weights(d, model, best_dir)
         say(
             f"final/ holds the best evaluation (step {state['best_step']}, val loss "
             f"{state['best_val_loss']:.4f}), not the last step (train.load_best_at_end)"
         )
-    save_model_dir(model, tokenizer, run_dir / "final")
+    save_model(d, model, tokenizer, run_dir / "final")
     result.steps = state["step"]
     result.final_dir = run_dir / "final"
     result.best_dir = run_dir / "best" if (run_dir / "best").is_dir() else None
@@ -474,6 +586,8 @@ def _train(
     result.model = model
     result.tokens_per_s = _median(speeds)
     result.mfu = _median(mfus)
+    if not d.is_main:
+        return result
     write_run_state(
         run_dir, status="stopped_early" if result.stopped_early else "completed",
         step=result.steps, best_val_loss=result.best_val_loss, best_step=state["best_step"],
@@ -510,18 +624,50 @@ def evaluate(
     objective: Objective = causal_lm_loss,
 ) -> float:
     """Mean loss over fixed evaluation batches, weighted by each batch's target tokens."""
+    total, count = _eval_sums(model, batches, device, autocast, objective)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def _eval_sums(
+    model: torch.nn.Module,
+    batches: list[Any],
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    objective: Objective = causal_lm_loss,
+    counted: int | None = None,
+) -> tuple[float, int]:
+    """(sum of loss x targets, targets) over the first `counted` batches (default all); the
+    others only run (an FSDP rank keeps step with the rest)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for raw in batches:
+    for index, raw in enumerate(batches):
         batch = _to_device(raw, device)
         targets = int((batch["labels"] != IGNORE_INDEX).sum())
         with autocast or contextlib.nullcontext():
             loss, _ = objective(model, batch)
-        total += loss.item() * targets
-        count += targets
+        if counted is None or index < counted:
+            total += loss.item() * targets
+            count += targets
     model.train(was_training)
-    return total / max(count, 1)
+    return total, count
+
+
+def _reduce_step(
+    d: Distributed, loss_sum: torch.Tensor, metrics: dict[str, Any], tokens: int
+) -> tuple[torch.Tensor, dict[str, Any], int]:
+    """One all-reduce for the step: the loss and metrics averaged over ranks (so the logged
+    loss is the global batch's), the tokens summed."""
+    keys = list(metrics)
+    packed = torch.stack([
+        loss_sum.detach().double(), torch.tensor(float(tokens), device=loss_sum.device).double(),
+        *[torch.as_tensor(metrics[k], device=loss_sum.device).detach().double() for k in keys],
+    ])
+    d.all_reduce_sum(packed)
+    loss = (packed[0] / d.world_size).to(loss_sum.dtype)
+    reduced = {k: (packed[2 + i] / d.world_size).float() for i, k in enumerate(keys)}
+    return loss, reduced, int(packed[1].item())
 
 
 def _to_device(batch: Any, device: torch.device) -> Batch:
@@ -560,11 +706,14 @@ def _batch_sources(
     return train_batches, val, instruction_loss
 
 
-def _max_steps(cfg_t: Any, batches_per_epoch: int, say: Callable[..., None]) -> int:
-    """train.max_steps, or the steps of train.num_epochs passes over the data when set."""
+def _max_steps(
+    cfg_t: Any, batches_per_epoch: int, say: Callable[..., None], world_size: int = 1
+) -> int:
+    """train.max_steps, or the steps of train.num_epochs passes over the data when set (a step
+    takes grad_accum batches on each of `world_size` processes)."""
     if cfg_t.num_epochs is None:
         return int(cfg_t.max_steps)
-    per_epoch = max(1, math.ceil(batches_per_epoch / cfg_t.grad_accum))
+    per_epoch = max(1, math.ceil(batches_per_epoch / (cfg_t.grad_accum * world_size)))
     steps = max(1, math.ceil(cfg_t.num_epochs * per_epoch))
     say(f"{cfg_t.num_epochs:g} epoch(s) of {per_epoch} steps: {steps} steps")
     return steps
@@ -626,10 +775,11 @@ def _verify(
 
 def _tokenizer_for(
     recipe: Recipe, checkpoint: Path | None, texts: Callable[[], Any], staging: Path,
-    say: Callable[..., None],
+    say: Callable[..., None], d: Distributed | None = None,
 ) -> Any:
     """The checkpoint's tokenizer, the recipe's, the base model's, or one trained now (into
-    `staging`, moved into the run directory once the run starts)."""
+    `staging`, moved into the run directory once the run starts). With several processes, rank
+    0 trains it and the others load it from rank 0's staging directory."""
     if checkpoint is not None:
         return load_tokenizer(checkpoint)
     if recipe.tokenizer.path:
@@ -638,17 +788,24 @@ def _tokenizer_for(
         from largeforge.runs import resolve_model_dir
 
         return load_tokenizer(resolve_model_dir(recipe.model.from_pretrained))
-    say(f"training a {recipe.tokenizer.vocab_size}-token byte-level BPE tokenizer ...")
-    started = time.perf_counter()
-    shutil.rmtree(staging)
-    tokenizer = train_tokenizer(
-        texts(),
-        recipe.tokenizer.vocab_size,
-        staging,
-        min_frequency=recipe.tokenizer.min_frequency,
-    )
-    say(f"tokenizer: {len(tokenizer)} tokens in {time.perf_counter() - started:.1f}s")
-    return tokenizer
+    d = d or Distributed()
+
+    def train_here() -> Any:
+        say(f"training a {recipe.tokenizer.vocab_size}-token byte-level BPE tokenizer ...")
+        started = time.perf_counter()
+        shutil.rmtree(staging)
+        trained = train_tokenizer(
+            texts(),
+            recipe.tokenizer.vocab_size,
+            staging,
+            min_frequency=recipe.tokenizer.min_frequency,
+        )
+        say(f"tokenizer: {len(trained)} tokens in {time.perf_counter() - started:.1f}s")
+        return trained
+
+    tokenizer = d.on_main(train_here)
+    where = d.broadcast(str(staging))
+    return tokenizer if d.is_main else load_tokenizer(where)
 
 
 def _parent(run_dir: Path) -> Path:
@@ -723,13 +880,18 @@ def _peak_flops(device: torch.device, precision: str) -> float:
     return matmul_flops(device, dtype, n=n)
 
 
-def _hardware_summary(device: torch.device, precision: str, peak: float) -> dict[str, Any]:
-    """What the run ran on, for run.json and the run's report."""
+def _hardware_summary(
+    device: torch.device, precision: str, peak: float, d: Distributed | None = None
+) -> dict[str, Any]:
+    """What the run ran on (one process's share, and how many there were), for run.json and the
+    run's report."""
     import os
     import platform
 
     memory = memory_bytes()
+    processes = {"distributed": d.mode, "processes": d.world_size} if d and d.enabled else {}
     return {
+        **processes,
         "device": device.type, "device_name": device_name(device), "precision": precision,
         "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "memory_gib": round(memory / 2**30, 1) if memory else None,
