@@ -27,9 +27,12 @@ quickstart: $(VENV)/.installed
 	$(BIN)/largeforge doctor
 	$(BIN)/largeforge quickstart
 
+# The default suite (about 15 minutes on 2 cores), then the tests marked slow (the learning
+# proofs: a few minutes more). `pytest` alone runs only the default suite.
 test: $(VENV)/.installed test-tools
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m slow
 
 # Debian packages the tests use, installed when missing: chromium (report.html is opened in
 # it headless, through playwright's Python API; playwright's own browser download is never

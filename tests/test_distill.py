@@ -45,6 +45,7 @@ def best_val(run) -> float:
     return json.loads((run / "run.json").read_text())["best_val_loss"]
 
 
+@pytest.mark.slow  # a learning proof: ~90 s; `make test` runs the slow tests after the rest
 def test_a_distilled_student_beats_cross_entropy_alone(tmp_path, shared_data):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text((shared_data / "tinystories_sample.txt").read_text()[:200_000])

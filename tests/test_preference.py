@@ -144,6 +144,7 @@ def held_out_accuracy(policy, reference, pairs, tokenizer, objective: str) -> fl
     return wins.mean().item()
 
 
+@pytest.mark.slow  # a learning proof: ~2 min; `make test` runs the slow tests after the rest
 @pytest.mark.parametrize("objective, method", [("dpo", "full"), ("dpo", "lora"),
                                                ("orpo", "full")])
 def test_preference_training_moves_held_out_preferences(objective, method, tokenizer, tmp_path):

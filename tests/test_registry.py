@@ -275,6 +275,9 @@ def test_ctrl_c_leaves_logs_follow_with_exit_code_0(tmp_path, registry_path):
     follower = subprocess.Popen(
         [sys.executable, "-m", "largeforge.cli.main", "runs", "logs", "forever", "--follow",
          "--interval", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell without job control starts background commands with SIGINT ignored, and a
+        # Python started so never gets KeyboardInterrupt: give the follower Ctrl-C back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     guard = threading.Timer(60, follower.kill)  # a follower that never leaves fails
     guard.start()

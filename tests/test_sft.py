@@ -240,6 +240,7 @@ def reverse_accuracy(model_or_run, held_out: list[dict], tokenizer=None,
 LEARN = ["train.eval_every=500", "train.log_every=100", "train.warmup_steps=20"]
 
 
+@pytest.mark.slow  # a learning proof; `make test` runs the slow tests after the rest
 def test_full_fine_tuning_learns_to_reverse_words(tokenizer, tmp_path):
     """Not only a falling loss: held-out prompts answered correctly (greedy) after fine-tuning,
     and not before."""
@@ -258,6 +259,7 @@ def test_full_fine_tuning_learns_to_reverse_words(tokenizer, tmp_path):
     assert before < 0.10 and after >= 0.90, (before, after)
 
 
+@pytest.mark.slow  # a learning proof; `make test` runs the slow tests after the rest
 def test_lora_teaches_a_model_that_copies_to_reverse(tokenizer, tmp_path):
     """The LoRA path on a base that already knows the chat format: a tiny model first trained
     (fully) to repeat the words, then LoRA adapters on its frozen weights to reverse them."""
