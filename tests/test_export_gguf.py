@@ -97,7 +97,7 @@ def exported(trained, tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 def open_llama(path: Path, **kwargs) -> llama_cpp.Llama:
     # An fp32 KV cache (llama.cpp's default is f16), so an F32 file computes in fp32 throughout.
-    return llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_threads=2, n_batch=CONTEXT, seed=0,
+    return llama_cpp.Llama(str(path), n_ctx=CONTEXT, n_threads=1, n_batch=CONTEXT, seed=0,
                            type_k=F32_CACHE, type_v=F32_CACHE, verbose=False, **kwargs)
 
 
