@@ -48,6 +48,10 @@ test-tools:
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q $$missing >/dev/null; }; \
 	fi
 
+# Every benchmark (about 25 minutes on 2 cores), then docs/benchmarks.md from the results.
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks
+
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks
 

@@ -59,7 +59,7 @@ def _load(model: str, device: str | None, err: Console) -> tuple[Any, Any]:
     resolved = resolve_model_dir(model)
     start = time.perf_counter()
     err.print(f"loading {resolved} ...")
-    loaded = load_for_inference(resolved, device)
+    loaded = load_for_inference(resolved, device, decode_layout=True)
     err.print(f"loaded in {time.perf_counter() - start:.1f} s")
     return loaded
 

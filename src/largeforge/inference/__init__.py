@@ -21,6 +21,8 @@ from largeforge.inference.generate import (
     generate_ids,
     load_for_inference,
     stream_text,
+    use_decode_layout,
+    use_standard_layout,
 )
 from largeforge.inference.sampling import (
     SamplingParams,
@@ -51,4 +53,6 @@ __all__ = [
     "resolve_chat_template",
     "sample_next_token",
     "stream_text",
+    "use_decode_layout",
+    "use_standard_layout",
 ]

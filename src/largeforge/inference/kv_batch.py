@@ -1,10 +1,10 @@
 """One left-padded KV cache for the running sequences of the continuous-batching engine.
 
-Each row is one sequence; its cached tokens sit at the right end of the row, padding (zeros,
-hidden by the attention mask) on the left. A sequence joins with the cache of its own prefill
-(padded on the left to the batch's width, or the batch padded to its length), and leaves by
-dropping its row; columns that have become padding in every row are then cut off, so the
-width is always the longest running sequence.
+Each row is one sequence; its cached tokens sit at the right end of the row, padding (hidden by
+the attention mask) on the left. Sequences join with the cache of their prefill (several
+left-padded prompts prefilled together, or one), padded on the left to the batch's width or the
+batch padded to theirs, and leave by dropping their row; columns that have become padding in
+every row are then cut off, so the width is always the longest running sequence.
 
 Why one batched cache and not a cache per sequence assembled every step: `DynamicCache` already
 copies the whole cache on every step (`torch.cat` in `DynamicLayer.update`); assembling
@@ -15,6 +15,8 @@ about 18 ms. Here joins and leaves cost one copy each, and they are far rarer th
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +48,12 @@ class PaddedKVBatch:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def add(self, cache: DynamicCache, length: int) -> None:
-        """Append a row: the single-sequence `cache` [1, heads, length, dim] of a prefill."""
+    def add(
+        self, cache: DynamicCache, lengths: int | Sequence[int], rows: Sequence[int] | None = None
+    ) -> None:
+        """Append rows from the cache of a prefill: `cache` [n, heads, width, dim] holds `n`
+        left-padded prompts of `lengths` tokens (an int for one prompt); `rows` picks which of
+        them join (all by default; a prompt that finished at its first token does not)."""
         layers = cache.layers
         for layer in layers:
             # Sliding-window, quantized or static layers keep other shapes and state.
@@ -56,21 +62,35 @@ class PaddedKVBatch:
                     f"continuous batching supports full-attention KV caches only; this model's "
                     f"cache has {type(layer).__name__} layers"
                 )
-        if self.cache is None or not self.lengths:
-            self.cache, self.lengths, self.width = cache, [length], length
+        lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+        if rows is not None and list(rows) != list(range(len(lengths))):
+            index = torch.tensor(list(rows), dtype=torch.long, device=layers[0].keys.device)
+            lengths = [lengths[r] for r in rows]
+            for layer in layers:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+        if not lengths:
             return
-        width = max(self.width, length)
+        longest = max(lengths)
+        cut = layers[0].keys.size(-2) - longest  # columns that are padding in every kept row
+        if cut > 0:
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[:, :, cut:], layer.values[:, :, cut:]
+        if self.cache is None or not self.lengths:
+            self.cache, self.lengths, self.width = cache, lengths, longest
+            return
+        width = max(self.width, longest)
         for mine, theirs in zip(self.cache.layers, layers, strict=True):
             mine.keys = torch.cat(
-                [_pad_left(mine.keys, width - self.width), _pad_left(theirs.keys, width - length)]
+                [_pad_left(mine.keys, width - self.width), _pad_left(theirs.keys, width - longest)]
             )
             mine.values = torch.cat(
                 [
                     _pad_left(mine.values, width - self.width),
-                    _pad_left(theirs.values, width - length),
+                    _pad_left(theirs.values, width - longest),
                 ]
             )
-        self.lengths.append(length)
+        self.lengths += lengths
         self.width = width
 
     def keep(self, rows: list[int]) -> None:
