@@ -16,9 +16,9 @@ Every loop runs `--rounds` times, in alternating order (plain, ours, Trainer, th
 reverse), and the medians are over all rounds; each run leaves its first `--warmup` steps out.
 
 The profile (`torch.profiler`, a few steps after warm-up) times the phases of a step built the
-way the loop builds it (our objective and blockwise cross-entropy, AdamW over decay / no-decay
-groups): forward, loss, backward, clipping, optimizer; and the matmul operators' share against
-the time the same FLOPs would take at the measured peak.
+way the loop builds it (the decoder, then the output layer fused with the cross-entropy, fused
+AdamW over decay / no-decay groups; eager): forward, loss, backward, clipping, optimizer; and
+the matmul operators' share against the time the same FLOPs would take at the measured peak.
 
     python benchmarks/pretrain.py [--steps 20] [--rounds 2] [--compile] [--threads N]
         [--precision fp32|bf16|both] [--no-trainer] [--no-profile] [--quick]
@@ -133,8 +133,10 @@ def profile_step(tokens: TokenArray, precision: str, peak_flops: float, flops: f
     """Where a training step's time goes: phases and operators, under torch.profiler."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    # The two halves of `causal_lm_loss`, the loop's pretraining objective, timed apart.
-    from largeforge.training.objectives import _logits, _mean_cross_entropy
+    # The two halves of `causal_lm_loss`, the loop's pretraining objective, timed apart: the
+    # decoder's hidden states, then the output layer fused with the cross-entropy.
+    from largeforge.training.linear_cross_entropy import linear_cross_entropy
+    from largeforge.training.objectives import fused_head
 
     torch.manual_seed(0)
     model = build_model(PRESETS["small"])
@@ -143,7 +145,8 @@ def profile_step(tokens: TokenArray, precision: str, peak_flops: float, flops: f
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=5e-4, betas=(0.9, 0.95), eps=1e-8)
+                            lr=5e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    decoder, head_weight = fused_head(model)
     batches = PretrainBatches(tokens, SEQ, BATCH, 0)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
@@ -153,9 +156,10 @@ def profile_step(tokens: TokenArray, precision: str, peak_flops: float, flops: f
         x, y = batches.next_batch()
         with autocast:
             with record_function("forward"):
-                logits = _logits(model, {"input_ids": x})
+                hidden = decoder(input_ids=x, use_cache=False).last_hidden_state
             with record_function("loss"):
-                loss = _mean_cross_entropy(logits, y)
+                loss = linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head_weight,
+                                            y.reshape(-1))
         with record_function("backward"):
             loss.backward()
         with record_function("clip"):

