@@ -333,8 +333,8 @@ def main() -> None:
             print(f"largeforge train vs the Trainer, {precision}: medians "
                   f"{ours['ratio_to_trainer']:.2f}x, best rounds "
                   f"{ours['best_round_ratio_to_trainer']:.2f}x (target >= 1.15x); MFU "
-                  f"{100 * ours['mfu']:.1f}%, best round {100 * ours['best_round_mfu']:.1f}% "
-                  "(target >= 75%)")
+                  f"{100 * ours['mfu']:.1f}%, best round {100 * ours['best_round_mfu']:.1f}%"
+                  + (" (target >= 75% of the fp32 peak)" if precision == "fp32" else ""))
         if "largeforge_compile" in entry:
             print(f"compile, {precision}: about {entry['largeforge_compile']['compile_s']:.0f} s "
                   "of compilation in the first step (with inductor's on-disk cache as found)")

@@ -146,3 +146,11 @@ def test_other_models_keep_their_own_forward():
     assert objectives.fused_head(model) is None
     wrapped = torch.nn.Sequential(_tiny_llama())  # not a transformers model
     assert objectives.fused_head(wrapped) is None
+
+
+def test_a_second_backward_through_the_same_loss_is_refused():
+    hidden, weight, labels = _inputs()
+    loss = lce.linear_cross_entropy(hidden, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

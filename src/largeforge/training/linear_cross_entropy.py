@@ -76,15 +76,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:  # low-precision blocks, accumulated in the weight's precision
                     grad_weight += g.t() @ h
         ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.backward_done = False
         return loss_sum / count
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        if ctx.backward_done:
+            raise RuntimeError(
+                "linear_cross_entropy: a second backward through the same loss (retain_graph) "
+                "is not supported; its gradients were computed once, in the forward pass"
+            )
+        ctx.backward_done = True
         grad_hidden, grad_weight = ctx.saved_tensors
+        # Scaled in place: a copy of the output layer's gradient would cost its size again
+        # (98 MB for the base preset's 32,000 x 768 head).
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
         if grad_weight is not None:
-            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
         return grad_hidden, grad_weight, None, None
 
 
