@@ -12,7 +12,7 @@ incoming gradient), so a step does the same matmul FLOPs and one exp per logit i
 
 Libraries that do this (Liger-Kernel, Apple's cut-cross-entropy) are Triton kernels, GPU only;
 on a CPU these few lines of torch are what there is. `cross_entropy.py` is the plain version for
-models whose logits we cannot take apart (see `supports_fused_head`).
+models whose logits we cannot take apart (`objectives.fused_head` decides).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from largeforge.training.cross_entropy import IGNORE_INDEX
 
 BLOCK_TOKENS_CPU = 256  # 256 x 32,000 fp32 logits: 33 MB, about what a server CPU's L3 holds
-BLOCK_TOKENS_CUDA = 4096
+BLOCK_TOKENS_CUDA = 4096  # not measured (no GPU here): a GPU wants larger matmuls, not cache
 
 
 def _block_tokens(device: torch.device) -> int:
