@@ -256,7 +256,11 @@ def test_lora_under_ddp_reduces_only_adapters_and_equals_1_process(tokenizer, tm
     a = load_file(final / "adapter_model.safetensors")
     b = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
     assert all("lora_" in k for k in a)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= TOL
+    # The one-process run takes the fused output layer + loss (objectives.fused_head), DDP the
+    # model's own forward (its hooks live there): the same sums in another order. The losses
+    # above agree within TOL; six Adam steps at lr 1e-2 amplify the rounding in the adapter
+    # weights to about 1.3e-5 (measured), so they are held to 5e-5.
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 5 * TOL
 
 
 def test_dpo_under_ddp_equals_1_process(tokenizer, tmp_path):
