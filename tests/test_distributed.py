@@ -115,6 +115,7 @@ def test_ddp_on_2_processes_equals_1_process_with_accumulation_2(world):
     assert (ddp / "report.html").is_file()
 
 
+@pytest.mark.slow  # ~25 s of torchrun; `make test` runs the slow tests after the rest
 def test_fsdp_trains_checkpoints_shards_and_consolidates_to_the_unsharded_model(world, capsys):
     out, recipe = world["out"], world["recipe"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -184,6 +185,7 @@ def _worker_of_rank(launcher: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow  # ~25 s of torchrun; `make test` runs the slow tests after the rest
 def test_a_killed_rank_fails_the_job_fast_and_resume_continues_exactly(world):
     out, recipe = world["out"], world["recipe"]
     killed = out / "killed"
@@ -234,6 +236,7 @@ def _base(tokenizer, directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.slow  # ~25 s of torchrun; `make test` runs the slow tests after the rest
 def test_lora_under_ddp_reduces_only_adapters_and_equals_1_process(tokenizer, tmp_path):
     base = _base(tokenizer, tmp_path / "base")
     data = tmp_path / "train.jsonl"
@@ -263,6 +266,7 @@ def test_lora_under_ddp_reduces_only_adapters_and_equals_1_process(tokenizer, tm
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 5 * TOL
 
 
+@pytest.mark.slow  # ~25 s of torchrun; `make test` runs the slow tests after the rest
 def test_dpo_under_ddp_equals_1_process(tokenizer, tmp_path):
     base = _base(tokenizer, tmp_path / "base")
     train, _ = split_task(80, 0, seed=3)
