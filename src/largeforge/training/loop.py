@@ -79,7 +79,8 @@ from largeforge.training.distributed import (
 )
 from largeforge.training.distributed import save_checkpoint as save_distributed_checkpoint
 from largeforge.training.logging import MetricsLogger, ProgressReporter
-from largeforge.training.objectives import causal_lm_loss, fused_head, instruction_loss
+from largeforge.training.objectives import causal_lm_loss, instruction_loss
+from largeforge.training.optimization import compile_for_training, make_optimizer
 from largeforge.training.run_dir import claim_run_dir, write_run_state
 from largeforge.training.schedule import lr_at
 from largeforge.training.setup import (
@@ -353,11 +354,11 @@ def _train(
     model.train()
     runner = wrap_model(model, d, device)  # DDP around it, or sharded in place (FSDP)
     if cfg_t.compile:
-        runner = _compile(runner)
+        runner = compile_for_training(runner)
     # DDP's wrapper is for training steps; evaluation runs the model itself on each rank.
     eval_runner = model if d.mode == "ddp" else runner
 
-    optimizer = _make_optimizer(model, recipe, device)
+    optimizer = make_optimizer(model, recipe, device)
     batches, val, objective = _batch_sources(kind, corpus, tokenizer, recipe)
     batches = shard_batches(batches, d)
     val_mine, val_counted = eval_shard(val, d)
@@ -848,48 +849,6 @@ def _shape(model: Any) -> str:
         f"{c.model_type}: dim {c.hidden_size}, {c.num_hidden_layers} layers, "
         f"{c.num_attention_heads} heads ({kv} kv), ffn {ffn}, vocab {c.vocab_size}, "
         f"max seq {c.max_position_embeddings}"
-    )
-
-
-def _make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> Any:
-    """AdamW; weight decay on matrices only (not norms or biases), as in nanoGPT."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    t = recipe.train
-    groups = [
-        {"params": decay, "weight_decay": t.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-        fused=_fused_adamw_applies(decay + no_decay, device) or None,
-    )
-
-
-def _compile(runner: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile for the training step. Where the objective fuses the output layer with the
-    loss (`objectives.fused_head`), only the decoder is compiled, in place (state-dict keys
-    unchanged), and the fused head stays: measured on the `small` preset in fp32 on 2 CPU
-    cores, 1,552 tokens/s against 1,428 eager, where compiling the whole model (inductor then
-    computes the full logits and the library's loss) was slower than the fused eager step."""
-    fused = fused_head(runner)
-    if fused is None:
-        return torch.compile(runner)  # type: ignore[return-value]
-    fused[0].compile()
-    return runner
-
-
-def _fused_adamw_applies(params: list[torch.nn.Parameter], device: torch.device) -> bool:
-    """Whether AdamW's fused kernel (one pass over each parameter instead of foreach's several)
-    can take these parameters: measured on the `small` preset on 2 CPU cores, the optimizer
-    step goes from 45 to 14 ms. Sharded (FSDP DTensor) parameters keep the default."""
-    from torch.distributed.tensor import DTensor
-
-    return device.type in ("cpu", "cuda") and all(
-        p.is_floating_point() and p.device.type == device.type and not isinstance(p, DTensor)
-        for p in params
     )
 
 
