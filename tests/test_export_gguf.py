@@ -433,9 +433,17 @@ def assert_nothing_written(directory: Path) -> None:
     assert list(directory.iterdir()) == []
 
 
-@pytest.mark.parametrize("family", ["gpt2", "phi"])
-def test_unsupported_architecture_is_refused(family, tokenizer, tmp_path):
-    model = tiny_models.make_family_model(family, tokenizer)
+def unsupported_model(config_class: str, tokenizer) -> torch.nn.Module:
+    """A tiny model of a family GGUF export does not write."""
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=256)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("config_class", ["GPTNeoXConfig", "StableLmConfig"])
+def test_unsupported_architecture_is_refused(config_class, tokenizer, tmp_path):
+    model = unsupported_model(config_class, tokenizer)
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     out_dir = tmp_path / "out"
@@ -510,7 +518,7 @@ def test_cli_exports_gguf(trained, tmp_path):
 
 
 def test_cli_refuses_unsupported_architecture(tokenizer, tmp_path):
-    model = tiny_models.make_family_model("gpt2", tokenizer)
+    model = unsupported_model("GPTNeoXConfig", tokenizer)
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
     out_dir = tmp_path / "out"
@@ -518,6 +526,6 @@ def test_cli_refuses_unsupported_architecture(tokenizer, tmp_path):
     proc = run_cli("export", str(tmp_path / "m"), "--format", "gguf", "--output",
                    str(out_dir / "m.gguf"))
     assert proc.returncode == 2
-    assert "GPT2LMHeadModel" in proc.stderr and "supported architectures" in proc.stderr
+    assert "GPTNeoXForCausalLM" in proc.stderr and "supported architectures" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert_nothing_written(out_dir)
