@@ -3,7 +3,7 @@
 The library API (the CLI is a thin layer over it):
 
     from largeforge import ModelConfig, load_recipe, train, generate, train_tokenizer
-    from largeforge import SFTTrainer, merge_adapter
+    from largeforge import SFTTrainer, merge_adapter, import_model
 
 Names are imported lazily so that `import largeforge` and `largeforge --help` stay fast.
 """
@@ -26,6 +26,7 @@ _EXPORTS = {
     "train": "largeforge.training.loop",
     "SFTTrainer": "largeforge.training.sft",
     "merge_adapter": "largeforge.merge",
+    "import_model": "largeforge.sources.importer",
     "TrainResult": "largeforge.training.loop",
     "train_tokenizer": "largeforge.tokenizer",
     "load_tokenizer": "largeforge.tokenizer",

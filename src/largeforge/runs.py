@@ -2,7 +2,9 @@
 
 A run directory `runs/<name>/` holds `recipe.yaml`, `metrics.jsonl`, `tensorboard/`,
 `checkpoints/step-N/`, `best/` and `final/`. Every command that takes a model accepts a model
-directory, a run directory (its `final/`, else `best/`, else its latest checkpoint) or a hub id.
+directory, a run directory (its `final/`, else `best/`, else its latest checkpoint), a hub id,
+a GGUF file or an Ollama model (`ollama:NAME[:TAG]`); the last two are imported once into a
+Hugging Face directory in the cache (`largeforge.sources.importer`).
 """
 
 from __future__ import annotations
@@ -39,8 +41,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def resolve_model_dir(ref: str | Path) -> str:
     """Turn a model reference into something `from_pretrained` accepts.
 
-    Local paths must exist; a string that is not a local path is passed on as a hub id.
+    Local paths must exist; a string that is not a local path is passed on as a hub id. A GGUF
+    file or `ollama:NAME[:TAG]` becomes its imported directory in the cache.
     """
+    from largeforge.sources.importer import is_import_source  # torch-free, as this module is
+
+    if is_import_source(ref):
+        from largeforge.sources.importer import resolve_source
+
+        return resolve_source(ref)
     path = Path(ref).expanduser()
     if path.exists():
         if is_model_dir(path):

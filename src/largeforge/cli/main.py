@@ -45,6 +45,7 @@ def _register() -> None:
         eval_cmd,
         export_cmd,
         generate_cmd,
+        import_cmd,
         infer_cmd,
         merge_cmd,
         router_cmd,
@@ -56,7 +57,8 @@ def _register() -> None:
 
     for module in (
         doctor_cmd, config_cmd, data_cmd, tokenizer_cmd, train_cmd, generate_cmd, merge_cmd,
-        eval_cmd, compare_cmd, runs_cmd, checkpoints_cmd, export_cmd, serve_cmd, infer_cmd,
+        eval_cmd, compare_cmd, runs_cmd, checkpoints_cmd, export_cmd, import_cmd, serve_cmd,
+        infer_cmd,
         router_cmd,  # after serve_cmd: it adds `serve router` to the serve group
     ):
         module.register(app)
