@@ -41,7 +41,7 @@ def valid_dtypes(fmt: str) -> tuple[str, ...]:
 
 
 def _check_flags(fmt: str, dtype: str, max_shard_size: str | None, opset: int | None,
-                 no_kv_cache: bool) -> None:
+                 no_kv_cache: bool, eval_text: Path | None = None) -> None:
     """Every flag checked before anything is loaded, so a typo fails at once."""
     if fmt not in FORMATS:
         raise LargeForgeError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
@@ -57,6 +57,12 @@ def _check_flags(fmt: str, dtype: str, max_shard_size: str | None, opset: int | 
     for flag, (owner, given) in only.items():
         if given and fmt != owner:
             raise LargeForgeError(f"{flag} applies to --format {owner} only, not {fmt}")
+    if eval_text is not None:
+        if fmt not in ("gguf", "ollama"):
+            raise LargeForgeError(f"--eval-text applies to --format gguf and ollama, not {fmt}")
+        from largeforge.export.quantize import read_eval_text
+
+        read_eval_text(eval_text)
     if max_shard_size is not None:
         from largeforge.export.hf import parse_shard_size
 
@@ -74,7 +80,8 @@ def export_command(
     dtype: str | None = typer.Option(
         None, "--dtype",
         help="hf/torchscript: float32, float16, bfloat16; onnx: float32, float16; "
-        "gguf/ollama: f32, f16, q8_0, q4_0. Default: float32 (gguf: f16, ollama: q8_0).",
+        "gguf/ollama: f32, f16, q8_0, q4_0, q4_k_m, q5_k_m, q6_k (quantised by llama.cpp). "
+        "Default: float32 (gguf: f16, ollama: q8_0).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output."),
     max_shard_size: str | None = typer.Option(
@@ -84,6 +91,10 @@ def export_command(
     no_kv_cache: bool = typer.Option(
         False, "--no-kv-cache", help="onnx: logits only, no past/present key-value tensors."
     ),
+    eval_text: Path | None = typer.Option(
+        None, "--eval-text", help="gguf/ollama: UTF-8 text for the perplexity of a quantised "
+        "type against F16 (default: the Python documentation)."
+    ),
 ) -> None:
     """Export a model (a LoRA adapter is merged into its base first)."""
     from largeforge.export.source import check_output
@@ -91,7 +102,7 @@ def export_command(
 
     fmt = fmt.lower()
     chosen = dtype or DEFAULT_DTYPES.get(fmt, "")
-    _check_flags(fmt, chosen, max_shard_size, opset, no_kv_cache)
+    _check_flags(fmt, chosen, max_shard_size, opset, no_kv_cache, eval_text)
     check_output(output, overwrite=overwrite, source=resolve_model_dir(model))
     err = Console(stderr=True, highlight=False)
     err.print(f"exporting {model} as {fmt} ({chosen}) ...")
@@ -113,15 +124,33 @@ def export_command(
     elif fmt == "gguf":
         from largeforge.export.gguf import export_gguf
 
-        target = export_gguf(model, output, dtype=chosen)
+        target = export_gguf(model, output, dtype=chosen, eval_text=_text(eval_text))
     else:
         from largeforge.export.ollama import export_ollama
 
-        target = export_ollama(model, output, dtype=chosen, overwrite=overwrite)
-    Console(highlight=False).print(
-        f"exported {model} as {fmt} ({chosen}) -> {target} "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+        target = export_ollama(model, output, dtype=chosen, overwrite=overwrite,
+                               eval_text=_text(eval_text))
+    out = Console(highlight=False)
+    out.print(f"exported {model} as {fmt} ({chosen}) -> {target} "
+              f"in {time.perf_counter() - start:.1f} s")
+    if fmt in ("gguf", "ollama"):
+        _print_quantization(out, Path(target))
+
+
+def _text(eval_text: Path | None) -> str | None:
+    from largeforge.export.quantize import read_eval_text
+
+    return None if eval_text is None else read_eval_text(eval_text)
+
+
+def _print_quantization(out: Console, target: Path) -> None:
+    """The perplexity line of a quantised GGUF (and where its report is)."""
+    from largeforge.export.gguf_quantize import read_report, report_path
+
+    gguf_file = target / "model.gguf" if target.is_dir() else target
+    report = read_report(gguf_file)
+    if report is not None:
+        out.print(f"{report.summary()} -> {report_path(gguf_file)}")
 
 
 def _size(n: int) -> str:

@@ -7,8 +7,10 @@ special token ids, `add_bos_token` and the chat template.
 
 Supported families (`gguf_arch.FAMILIES`): Llama, Mistral without a sliding window (which
 llama.cpp runs as Llama), Qwen2, Qwen3, Phi-2, Phi-3, Gemma and GPT-2, each with the layout
-llama.cpp expects (see `gguf_arch`); in F32, F16, Q8_0 and Q4_0 (the 4-bit type `gguf.quants`
-can quantise in numpy; its K-quants have no quantiser there).
+llama.cpp expects (see `gguf_arch`). F32 and F16 are written here; the quantised types (Q8_0,
+Q4_0 and the K-quants Q4_K_M, Q5_K_M, Q6_K) are written as F16 and then quantised by llama.cpp's
+own quantizer, with the perplexity they cost measured beside them (`gguf_quantize`). Without
+llama-cpp-python, Q8_0 and Q4_0 fall back to `gguf.quants`' numpy quantiser (no report).
 
 Supported tokenizers (`gguf_vocab`): byte-level BPE with a pre-tokenizer llama.cpp knows by
 name (GPT-2's regex, as LargeForge's own tokenizers use, Llama 3's, Qwen2's or SmolLM's), and
@@ -35,12 +37,22 @@ from largeforge.export.gguf_arch import (
     permute_for_llama_rope,
     supported_architectures,
 )
+from largeforge.export.gguf_quantize import (
+    K_QUANTS,
+    PPL_CONTEXT,
+    needs_llama_cpp,
+    quantization_report,
+    quantize_file,
+    report_path,
+    require_llama_cpp,
+    write_report,
+)
 from largeforge.export.gguf_vocab import Vocab, add_vocab, read_vocab
 
 __all__ = ["DTYPES", "Vocab", "check_dtype", "export_gguf", "load_fp32",
            "permute_for_llama_rope", "read_vocab", "supported_architectures", "write_gguf"]
 
-DTYPES = ("f32", "f16", "q8_0", "q4_0")
+DTYPES = ("f32", "f16", "q8_0", "q4_0", *K_QUANTS)
 
 
 def export_gguf(
@@ -50,20 +62,24 @@ def export_gguf(
     dtype: str = "f16",
     add_bos: bool | None = None,
     chat_template: str | None = None,
+    eval_text: str | None = None,
 ) -> Path:
     """Write the model `model_ref` (model dir, run dir, LoRA adapter dir or hub id; adapters
     are merged) to the GGUF file `output`, atomically, and return its path.
 
-    `dtype` is f32, f16, q8_0 or q4_0 (1-D tensors always stay F32). `add_bos` sets
-    `tokenizer.ggml.add_bos_token`; None does what `largeforge generate` does (BOS in front of
-    every prompt when the tokenizer has one). `chat_template` replaces the tokenizer's own in the
-    file's metadata.
+    `dtype` is one of `DTYPES` (1-D tensors always stay F32); a quantised type also writes
+    `<stem>.perplexity.json` beside the file, measured on `eval_text` (default: the Python
+    documentation). `add_bos` sets `tokenizer.ggml.add_bos_token`; None does what `largeforge
+    generate` does (BOS in front of every prompt when the tokenizer has one). `chat_template`
+    replaces the tokenizer's own in the file's metadata.
     """
     check_dtype(dtype)
     output = check_output_file(Path(output))
+    if dtype in K_QUANTS:
+        require_llama_cpp(dtype)  # before the (slow) model load
     model, tokenizer = load_fp32(model_ref)
     return write_gguf(model, tokenizer, output, dtype=dtype, add_bos=add_bos,
-                      chat_template=chat_template)
+                      chat_template=chat_template, eval_text=eval_text)
 
 
 def load_fp32(model_ref: str | Path) -> tuple[Any, Any]:
@@ -98,12 +114,45 @@ def write_gguf(
     dtype: str = "f16",
     add_bos: bool | None = None,
     chat_template: str | None = None,
+    eval_text: str | None = None,
 ) -> Path:
     """Write a loaded (fp32) model and its tokenizer to `output` as GGUF; see `export_gguf`."""
-    import gguf
-
     check_dtype(dtype)
     output = check_output_file(Path(output))
+    if needs_llama_cpp(dtype):
+        return _write_quantized(model, tokenizer, output, dtype=dtype, add_bos=add_bos,
+                                chat_template=chat_template, eval_text=eval_text)
+    _write_direct(model, tokenizer, output, dtype=dtype, add_bos=add_bos,
+                  chat_template=chat_template)
+    report_path(output).unlink(missing_ok=True)  # a report of an earlier export is not this one's
+    return output
+
+
+def _write_quantized(model: Any, tokenizer: Any, output: Path, *, dtype: str,
+                     add_bos: bool | None, chat_template: str | None,
+                     eval_text: str | None) -> Path:
+    """F16 first, then llama.cpp's quantizer, then both measured; all in a staging directory
+    beside `output`, renamed into place when complete."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        f16 = _write_direct(model, tokenizer, Path(tmp) / "f16.gguf", dtype="f16",
+                            add_bos=add_bos, chat_template=chat_template)
+        quantized = Path(tmp) / f"{dtype}.gguf"
+        quantize_file(f16, quantized, dtype)
+        context = min(PPL_CONTEXT, int(getattr(model.config, "max_position_embeddings", 0)
+                                       or PPL_CONTEXT))
+        report = quantization_report(f16, quantized, dtype, eval_text, context=context)
+        staged_report = write_report(report, Path(tmp) / "report.json")
+        os.replace(quantized, output)
+        os.replace(staged_report, report_path(output))
+    return output
+
+
+def _write_direct(model: Any, tokenizer: Any, output: Path, *, dtype: str,
+                  add_bos: bool | None, chat_template: str | None) -> Path:
+    """Write the GGUF with gguf-py: F32, F16, or Q8_0/Q4_0 through `gguf.quants`."""
+    import gguf
+
     family = family_of(model.config)
     vocab = read_vocab(tokenizer, model.config.vocab_size)
     if chat_template is not None:

@@ -30,10 +30,12 @@ from typing import Any
 from largeforge.chat_templates import BUILTIN_TEMPLATES, builtin_name, render, tokenizer_adds_bos
 from largeforge.errors import LargeForgeError
 from largeforge.export.gguf import check_dtype, load_fp32, write_gguf
+from largeforge.export.gguf_quantize import K_QUANTS, report_path, require_llama_cpp
 from largeforge.inference.sampling import SamplingParams
 
 GGUF_NAME = "model.gguf"
 MODELFILE_NAME = "Modelfile"
+REPORT_NAME = report_path(Path(GGUF_NAME)).name  # the perplexity of a quantised model.gguf
 
 # Stand-ins for the tokenizer's BOS and EOS strings, filled in per model.
 BOS, EOS = "\x00BOS\x00", "\x00EOS\x00"
@@ -216,6 +218,7 @@ def export_ollama(
     chat_template: str | None = None,
     temperature: float | None = None,
     overwrite: bool = False,
+    eval_text: str | None = None,
 ) -> Path:
     """Write `output/model.gguf` and `output/Modelfile` for `ollama create NAME -f Modelfile`.
 
@@ -223,11 +226,15 @@ def export_ollama(
     in the GGUF. `output` may be new, empty or a previous export (only those two files); a
     directory holding anything else is replaced whole only with `overwrite`. The export is
     staged beside `output` and renamed into place, and nothing is written when a check fails.
+    `dtype` takes every GGUF type; a quantised one adds `model.perplexity.json` (measured on
+    `eval_text`, see `largeforge.export.gguf_quantize`).
     """
     from largeforge.chat_templates import get_template
     from largeforge.export.source import staged_output
 
     check_dtype(dtype)
+    if dtype in K_QUANTS:
+        require_llama_cpp(dtype)
     output = Path(output).expanduser()
     _check_output_dir(output, overwrite)
     if chat_template is not None and builtin_name(chat_template) is None:
@@ -249,7 +256,7 @@ def export_ollama(
     )
     with staged_output(output, overwrite=True) as staging:  # checked above
         write_gguf(model, tokenizer, staging / GGUF_NAME, dtype=dtype, add_bos=add_bos,
-                   chat_template=jinja)
+                   chat_template=jinja, eval_text=eval_text)
         (staging / MODELFILE_NAME).write_text(modelfile, encoding="utf-8")
     return output
 
@@ -266,7 +273,7 @@ def _check_output_dir(output: Path, overwrite: bool) -> None:
         raise LargeForgeError(f"Ollama output {output} is a file; give a directory")
     if output.is_dir() and not overwrite:
         others = sorted(p.name for p in output.iterdir()
-                        if p.name not in (GGUF_NAME, MODELFILE_NAME))
+                        if p.name not in (GGUF_NAME, MODELFILE_NAME, REPORT_NAME))
         if others:
             raise LargeForgeError(
                 f"Ollama output {output} holds other files ({', '.join(others[:5])}); give an "
