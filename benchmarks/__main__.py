@@ -1,7 +1,7 @@
 """Run every benchmark, one after another, each in a process of its own, then render
 `docs/benchmarks.md` from `benchmarks/results/*.json`.
 
-    python -m benchmarks                      # everything (about 25 minutes on 2 cores)
+    python -m benchmarks                      # everything (about 37 minutes on 2 cores)
     python -m benchmarks --only inference     # one (repeat --only for more)
     python -m benchmarks --quick              # a smoke run of everything, a few minutes
     python -m benchmarks --report-only        # re-render the report from the results
@@ -58,6 +58,9 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("serve", "serve.py", (),
               ("--rounds", "1", "--max-tokens", "8", "--requests", "32", "--flood-tokens", "4"),
               "16 streaming clients vs 1 through `serve inference`, then a request flood"),
+    Benchmark("real_model", "real_model.py", (), ("--quick",),
+              "SmolLM2-135M: LoRA/QLoRA vs Trainer+peft and TRL; decode vs generate(), "
+              "llama.cpp F16/Q4_K_M"),
 )
 NAMES = [b.name for b in BENCHMARKS]
 

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUTPUT = HERE.parent / "docs" / "benchmarks.md"
 ORDER = ("pretrain", "shakespeare_char", "data", "data_x10", "finetune", "memory", "inference",
-         "serve")
+         "serve", "real_model")
 
 
 class ReportError(Exception):
@@ -360,6 +360,124 @@ def render_serve(r: dict) -> Section:
     return section
 
 
+FRAMEWORK_LABELS = {"largeforge": "largeforge train sft",
+                    "transformers": "transformers Trainer + peft", "trl": "TRL SFTTrainer"}
+DECODE_LABELS = {"ours": "largeforge generate (fp32)", "hf": "transformers generate() (fp32)",
+                 "llama_f16": "llama.cpp, F16 GGUF (our export)",
+                 "llama_q4_k_m": "llama.cpp, Q4_K_M GGUF (quantised from that F16 file)",
+                 "llama_q4_1": "llama.cpp, the package's Q4_1 GGUF"}
+
+
+def render_real_model(r: dict) -> Section:
+    s, data, dec = r.get("settings", {}), r.get("data", {}), r.get("decode", {})
+    section = Section(
+        "Real model (SmolLM2-135M-Instruct) (`benchmarks/real_model.py`)",
+        f"SmolLM2-135M-Instruct, given to LargeForge as the GGUF file `{s.get('source')}` "
+        "(imported once into an fp32 Hugging Face directory, which the other libraries load). "
+        f"Fine-tuning: the Alpaca sample ({num(data.get('train_samples'))} training samples of "
+        f"{num(data.get('records'))} records), the model's chat template, loss on the replies "
+        f"only, seq {s.get('seq_len')}, batch {s.get('batch_size')} right-padded, "
+        f"{s.get('steps')} steps, LoRA r {s.get('lora_r')} / alpha {s.get('lora_alpha')} / "
+        f"dropout 0 on every linear layer, AdamW (0.9, 0.95), lr {s.get('lr')} cosine to "
+        f"{s.get('min_lr_rate')}x without warm-up, clipping 1.0; QLoRA: NF4 with double "
+        "quantisation (bitsandbytes on CPU). Every library sees the same samples in the same "
+        "order (LargeForge's seeded, length-grouped order), each run in its own process. "
+        "Tokens/s: padded batch tokens per optimizer step, median over the steps after the "
+        f"first {s.get('warmup_steps_left_out')}; peak RSS includes loading, training RSS is "
+        "the highest RSS in the second half of the run.",
+    )
+    runs = r.get("finetune", [])
+    by = {(x["framework"], x["method"], x["precision"]): x for x in runs}
+    rows = []
+    for x in runs:
+        label = FRAMEWORK_LABELS.get(x["framework"], x["framework"])
+        if "error" in x:
+            rows.append([label, x["method"], x["precision"], "failed: " + x["error"][:120],
+                         "-", "-", "-", "-"])
+            continue
+        hf = by.get(("transformers", x["method"], x["precision"]), {})
+        losses = x.get("losses") or []
+        rows.append([label, x["method"], x["precision"], num(x.get("tokens_per_s")),
+                     ratio(x.get("tokens_per_s"), hf.get("tokens_per_s")),
+                     num(x.get("peak_rss_mib")), num(x.get("training_rss_mib")),
+                     f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "-"])
+    section.tables.append(("Fine-tuning", ["library", "method", "precision", "tokens/s",
+                                           "vs Trainer", "peak RSS MiB", "training RSS MiB",
+                                           "loss, first -> last step"], rows))
+    agreement = r.get("loss_agreement", [])
+    if agreement:
+        section.tables.append((
+            "Per-step training loss, library against library",
+            ["method", "precision", "pair", "steps", "step 1 abs diff", "max abs diff",
+             "mean abs diff"],
+            [[c["method"], c["precision"],
+              f"{FRAMEWORK_LABELS.get(c['a'], c['a'])} vs {FRAMEWORK_LABELS.get(c['b'], c['b'])}",
+              c["steps"], _sci(c.get("first_step_abs_diff")), _sci(c.get("max_abs_diff")),
+              _sci(c.get("mean_abs_diff"))] for c in agreement]))
+    same = data.get("same_samples")
+    if same is not None:
+        matched = data.get("batches_match_largeforge", {})
+        section.notes.append(
+            f"Data: `apply_chat_template` with the prompt masked gives the same ids and labels "
+            f"as LargeForge's renderer for {num(same)} of {num(data.get('train_samples'))} "
+            f"samples; batches with LargeForge's token counts at every step: "
+            f"{sum(bool(v) for v in matched.values())} of {len(matched)} runs.")
+    worst = {}
+    for c in agreement:
+        if c.get("max_abs_diff") is not None:
+            worst[c["precision"]] = max(worst.get(c["precision"], 0.0), c["max_abs_diff"])
+    if worst:
+        section.notes.append(
+            "How close: the largest per-step loss difference between any two libraries is "
+            + ", ".join(f"{v:.1e} in {k}" for k, v in worst.items())
+            + ". The runs share the model, the batches, the LoRA initialisation (seed 1337, "
+            "drawn after loading), the optimizer (fused AdamW, the Trainer's default too) and "
+            "the schedule, so what is left is the order of floating-point operations: LargeForge "
+            "fuses the output layer with the loss (chunked `linear_cross_entropy`), the Trainer "
+            "computes the full logits and then the loss, TRL its own fused log-probabilities. "
+            "Under bf16 autocast each rounding is about 1e-2 relative, so there the curves move "
+            "apart a little with every step, while fp32 stays at rounding level.")
+    d = dec.get("decode_tokens_per_s", {})
+    if d:
+        agree = dec.get("agreement_with_hf", {})
+        section.tables.append((
+            f"Decode, batch 1: {dec.get('new_tokens')} new tokens after a "
+            f"{dec.get('prompt_tokens')}-token chat prompt, greedy, {dec.get('threads')} "
+            f"threads, median of {dec.get('rounds')}",
+            ["path", "decode tokens/s", "vs transformers", "file MiB",
+             "greedy tokens equal to transformers'"],
+            [[DECODE_LABELS.get(k, k), num(v), ratio(v, d.get("hf")),
+              num(dec.get("file_mib", {}).get(k)),
+              "-" if k == "hf" else f"{100 * agree.get(k, 0):.0f}% of the tokens"]
+             for k, v in d.items()]))
+        section.notes.append(
+            "Decode tokens/s counts the tokens after the first over their time (prefill out); "
+            "llama.cpp runs with its default F16 KV cache. Q4_K_M is `largeforge export --dtype "
+            "q4_k_m`: llama.cpp's own quantizer (`llama_model_quantize`) from the F16 export. "
+            "Agreement is the share of "
+            "tokens before the first one that differs from `generate()`'s.")
+        if dec.get("q4_k_m_fallback_tensors"):
+            section.notes.append(
+                f"Q4_K_M on this model: llama.cpp writes {dec['q4_k_m_fallback_tensors']} "
+                "tensors in a fallback type (Q5_0, or Q8_0 where Q4_K_M asks for Q6_K), because "
+                "their rows (576 values) are not a multiple of the 256-value K-quant block; only "
+                "the 1536-wide FFN down projections are K-quants, so the file is larger than a "
+                "true 4.5-bit Q4_K_M would be.")
+        if dec.get("q4_k_m_perplexity_ratio"):
+            section.notes.append(
+                f"Q4_K_M perplexity / F16 perplexity (llama.cpp, the export's own report): "
+                f"{dec['q4_k_m_perplexity_ratio']:.4f}.")
+    versions = r.get("versions", {})
+    if versions:
+        section.notes.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()
+                                                      if v) + ".")
+    return section
+
+
+def _sci(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
 def render_generic(name: str, r: dict) -> Section:
     rows = [[k, num(v, 3) if isinstance(v, float) else v] for k, v in r.items()
             if k not in ("benchmark", "machine") and isinstance(v, (int, float, str, bool))]
@@ -369,7 +487,7 @@ def render_generic(name: str, r: dict) -> Section:
 RENDERERS: dict[str, Callable[[dict], Section]] = {
     "pretrain": render_pretrain, "shakespeare_char": render_shakespeare, "data": render_data,
     "data_x10": render_data, "finetune": render_finetune, "memory": render_memory,
-    "inference": render_inference, "serve": render_serve,
+    "inference": render_inference, "serve": render_serve, "real_model": render_real_model,
 }
 
 

