@@ -163,8 +163,12 @@ def model_for_training(recipe: Recipe, base_ref: str, precision: str,
     from peft import PeftModel, get_peft_model
 
     if checkpoint is not None:
-        return PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
-    return get_peft_model(base, lora_config(recipe))
+        model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
+    else:
+        model = get_peft_model(base, lora_config(recipe))
+    for config in model.peft_config.values():  # the reference given, not where it was loaded
+        config.base_model_name_or_path = base_ref  # from (an imported GGUF's cache directory)
+    return model
 
 
 def uses_adapters(model: Any) -> bool:

@@ -68,8 +68,36 @@ def write_hf_directory(info: GGUFInfo, directory: Path, *, dtype: str = "float32
     from largeforge.export.source import save_tokenizer
 
     save_tokenizer(tokenizer, directory)
+    _drop_tokens_past(directory, int(model.config.vocab_size))
     _write_extras(info, directory, ollama=ollama, source=source, digest=digest, dtype=dtype,
                   template_origin=template_origin)
+
+
+def _drop_tokens_past(directory: Path, vocab_size: int) -> None:
+    """Remove tokens the model has no row for from the saved tokenizer. `transformers` builds a
+    byte-level GGUF vocabulary as a GPT-2 tokenizer, whose default special token
+    `<|endoftext|>` is appended when the file has no such token: one id past the model's
+    embedding, which fine-tuning rightly refuses."""
+    tokenizer_file = directory / "tokenizer.json"
+    spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+    dropped = {t["content"] for t in spec.get("added_tokens", []) if t["id"] >= vocab_size}
+    if not dropped:
+        return
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < vocab_size]
+    tokenizer_file.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    decoder = config.get("added_tokens_decoder") or {}
+    config["added_tokens_decoder"] = {k: v for k, v in decoder.items() if int(k) < vocab_size}
+    for key in ("unk_token", "bos_token", "eos_token", "pad_token"):
+        if config.get(key) in dropped:
+            config[key] = None
+    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        name = ("additional_special_tokens" if "additional_special_tokens" in config
+                else "extra_special_tokens")
+        config[name] = [t for t in extra if t not in dropped]
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def load_model(info: GGUFInfo, dtype: torch.dtype) -> Any:

@@ -34,7 +34,7 @@ from largeforge.errors import LargeForgeError
 from largeforge.sources.gguf_file import GGUFInfo, inspect_gguf, is_gguf_file
 from largeforge.sources.ollama_store import OllamaModel, is_ollama_ref, read_model
 
-CACHE_FORMAT = 1  # bump when the imported directory's content changes
+CACHE_FORMAT = 2  # bump when the imported directory's content changes
 CACHE_SUBDIR = "models"
 STAGING_PREFIX = ".staging-"
 CACHE_DTYPE = "float32"  # what llama.cpp's dequantised weights are, exactly

@@ -82,11 +82,17 @@ def default_template(recipe: Recipe, fmt: str, tokenizer: Any) -> str | None:
 
 
 def base_model_ref(ref: str, method: str) -> str:
-    """The base model as a path adapters can name (absolute), or a hub id."""
+    """The base model as a path adapters can name (absolute), or a hub id. A GGUF file or an
+    Ollama model stays the source itself, not its directory in the import cache, so an adapter
+    still finds its base after the cache is cleared (the source is imported again)."""
     from largeforge.adapters import is_adapter_dir
     from largeforge.runs import resolve_model_dir
+    from largeforge.sources.importer import is_import_source
+    from largeforge.sources.ollama_store import is_ollama_ref
 
     resolved = resolve_model_dir(ref)
+    if is_import_source(ref):
+        return ref if is_ollama_ref(ref) else str(Path(ref).expanduser().resolve())
     if Path(resolved).exists():
         if method != "full" and is_adapter_dir(resolved):
             raise LargeForgeError(
