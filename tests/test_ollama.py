@@ -214,7 +214,7 @@ def test_unknown_template_is_refused_unless_a_built_in_is_named(base_model, tmp_
     custom = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     model_dir = with_template(base_model, custom, tmp_path / "custom")
     out = tmp_path / "out"
-    with pytest.raises(LargeForgeError, match="not one of LargeForge's built-in.*chatml"):
+    with pytest.raises(LargeForgeError, match="unlike any of LargeForge's built-in.*chatml"):
         export_ollama(str(model_dir), out)
     assert not out.exists()
     with pytest.raises(LargeForgeError, match="unknown chat template 'nope'"):
@@ -244,13 +244,36 @@ def test_output_directory_rules(exports, base_model, tmp_path):
     # A previous export is replaced; with overwrite, so is a directory holding other files.
     again = tmp_path / "again"
     export_ollama(str(model_dir), again, dtype="f16")
-    export_ollama(str(model_dir), again, dtype="q8_0")
-    assert sorted(p.name for p in again.iterdir()) == ["Modelfile", "model.gguf"]
+    export_ollama(str(model_dir), again, dtype="q8_0")  # llama.cpp's quantizer: + its report
+    assert sorted(p.name for p in again.iterdir()) == ["Modelfile", "model.gguf",
+                                                        "model.perplexity.json"]
     assert gguf.GGUFReader(again / "model.gguf").fields["general.file_type"].contents() == \
         gguf.LlamaFileType.MOSTLY_Q8_0
-    export_ollama(str(model_dir), busy, overwrite=True)
+    export_ollama(str(model_dir), busy, overwrite=True, dtype="f16")
     assert sorted(p.name for p in busy.iterdir()) == ["Modelfile", "model.gguf"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+# ChatML that writes a system prompt of its own when the conversation has none, as real chat
+# models do (SmolLM2's template is one): Ollama gets ChatML with that prompt as SYSTEM.
+CHATML_WITH_DEFAULT_SYSTEM = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_renders_like_a_built_in_is_translated(base_model, tmp_path,
+                                                               go_render):
+    model_dir = with_template(base_model, CHATML_WITH_DEFAULT_SYSTEM, tmp_path / "default")
+    out = export_ollama(str(model_dir), tmp_path / "out", dtype="q8_0")
+    modelfile = parse_modelfile(out / "Modelfile")
+    assert modelfile["system"] == "You are a tiny test model."
+    _, tokenizer = load_for_inference(model_dir, device="cpu")
+    for chat in (TWO_TURNS, [SYSTEM, *TWO_TURNS]):
+        assert go_render(modelfile["template"], chat, modelfile["system"]) == jinja(
+            tokenizer, CHATML_WITH_DEFAULT_SYSTEM, chat, True)
 
 
 def test_cli_exports_for_ollama(exports, tmp_path):
@@ -258,8 +281,10 @@ def test_cli_exports_for_ollama(exports, tmp_path):
     out = tmp_path / "ollama"
     proc = run_cli("export", str(model_dir), "--format", "ollama", "--output", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.gguf",
+                                                      "model.perplexity.json"]
     assert parse_modelfile(out / "Modelfile")["params"]["stop"][0] == "<|im_end|>"
+    assert "perplexity" in proc.stdout and "(f16)" in proc.stdout
 
 
 def test_cli_refuses_an_unknown_template(base_model, tmp_path):

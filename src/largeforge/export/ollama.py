@@ -152,17 +152,74 @@ def template_name(jinja: str) -> str | None:
     return None
 
 
+# Conversations a template is tried on to tell which built-in it writes like.
+_PROBES: tuple[list[dict[str, str]], ...] = (
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+     {"role": "user", "content": "How are you?"}],
+)
+_SYSTEM_SLOT = "\x00SYSTEM\x00"
+
+
+def _renders(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> str | None:
+    try:
+        return render(tokenizer, messages, template, add_generation_prompt=True)
+    except LargeForgeError:
+        return None
+
+
+def _default_system(tokenizer: Any, jinja: str, builtin: str,
+                    messages: list[dict[str, str]]) -> str | None:
+    """The system prompt `jinja` writes when the conversation has none, if that is all that
+    tells it from `builtin` on `messages` (None when it differs in any other way)."""
+    target = _renders(tokenizer, jinja, messages)
+    slotted = _renders(tokenizer, builtin, [{"role": "system", "content": _SYSTEM_SLOT},
+                                            *messages])
+    if target is None or slotted is None or slotted.count(_SYSTEM_SLOT) != 1:
+        return None
+    before, after = slotted.split(_SYSTEM_SLOT)
+    if not (target.startswith(before) and target.endswith(after)
+            and len(target) >= len(before) + len(after)):
+        return None
+    system = target[len(before): len(target) - len(after)]
+    with_system = [{"role": "system", "content": system}, *messages]
+    return system if _renders(tokenizer, builtin, with_system) == target else None
+
+
+def equivalent_builtin(tokenizer: Any, jinja: str) -> tuple[str, str | None] | None:
+    """(built-in name, default system prompt or None) for a template that renders every probe
+    conversation as that built-in does, with or without a system message; a template that adds
+    its own system prompt when there is none (as SmolLM2's ChatML does) is the built-in with
+    that prompt as Ollama's SYSTEM. None when no built-in writes the same text."""
+    name = template_name(jinja)
+    if name is not None:
+        return name, DEFAULT_SYSTEM.get(name)
+    for name, builtin in BUILTIN_TEMPLATES.items():
+        with_system = [[{"role": "system", "content": "Be brief."}, *probe] for probe in _PROBES]
+        if any(_renders(tokenizer, jinja, m) != _renders(tokenizer, builtin, m)
+               or _renders(tokenizer, jinja, m) is None for m in with_system):
+            continue
+        if all(_renders(tokenizer, jinja, m) == _renders(tokenizer, builtin, m)
+               for m in _PROBES):
+            return name, DEFAULT_SYSTEM.get(name)
+        systems = {_default_system(tokenizer, jinja, builtin, m) for m in _PROBES}
+        if len(systems) == 1 and None not in systems:
+            return name, systems.pop()
+    return None
+
+
 def ollama_template(tokenizer: Any, jinja: str | None) -> OllamaTemplate:
     """Translate a Jinja chat template (None: the model has none) for Ollama."""
     if jinja is None:
         return OllamaTemplate(None, PLAIN_TEMPLATE, [], None, writes_bos=False)
-    name = template_name(jinja)
-    if name is None:
+    found = equivalent_builtin(tokenizer, jinja)
+    if found is None:
         raise LargeForgeError(
-            "the model's chat template is not one of LargeForge's built-in templates, and "
-            "Ollama needs it in Go template syntax, which is only known for those; export "
-            f"with chat_template set to one of {', '.join(BUILTIN_TEMPLATES)}"
+            "the model's chat template writes conversations unlike any of LargeForge's "
+            "built-in templates, and Ollama needs it in Go template syntax, which is only known "
+            f"for those; export with chat_template set to one of {', '.join(BUILTIN_TEMPLATES)}"
         )
+    name, system = found
     bos = tokenizer.bos_token or ""
     eos = tokenizer.eos_token or ""
     template = GO_TEMPLATES[name].replace(BOS, bos).replace(EOS, eos)
@@ -173,7 +230,7 @@ def ollama_template(tokenizer: Any, jinja: str | None) -> OllamaTemplate:
         name=name,
         template=template,
         stops=[s for s in dict.fromkeys(stops) if s],
-        system=DEFAULT_SYSTEM.get(name),
+        system=system,
         writes_bos=bool(bos) and first.startswith(bos),
     )
 
