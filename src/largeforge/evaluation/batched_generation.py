@@ -27,6 +27,7 @@ from largeforge.errors import LargeForgeError
 from largeforge.inference.generate import (
     _forward_params,
     _new_cache,
+    cache_keyword,
     context_length,
     encode_prompt,
     model_eos_ids,
@@ -135,8 +136,8 @@ def generate_batch_ids(
                     input_ids=step_input,
                     attention_mask=mask[:, :length],
                     position_ids=positions,
-                    past_key_values=cache,
                     use_cache=True,
+                    **{cache_keyword(type(model)): cache},
                     **extra,
                 )
                 tokens = _next_tokens(out.logits[:, -1, :], previous, params, generator)

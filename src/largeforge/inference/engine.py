@@ -35,6 +35,7 @@ from transformers import DynamicCache, PreTrainedModel
 from largeforge.errors import LargeForgeError
 from largeforge.inference.generate import (
     _forward_params,
+    cache_keyword,
     context_length,
     model_eos_ids,
     use_decode_layout,
@@ -554,8 +555,8 @@ class ContinuousBatchingEngine:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_keyword(type(self.model)): cache},
             **extra,
         )
         return cache, self._sample(seqs, out.logits[:, -1, :])
@@ -575,8 +576,8 @@ class ContinuousBatchingEngine:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=self._batch.cache,
             use_cache=True,
+            **{cache_keyword(type(self.model)): self._batch.cache},
             **extra,
         )
         self._batch.advance()

@@ -50,6 +50,12 @@ def _forward_params(model_cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_cls.forward).parameters)
 
 
+def cache_keyword(model_cls: type) -> str:
+    """The name `forward` takes the KV cache under: `cache` since transformers 5.x renamed it
+    (the old `past_key_values` still works there but warns on every call), else the old one."""
+    return "cache" if "cache" in _forward_params(model_cls) else "past_key_values"
+
+
 def _plain_linear_weights(model: torch.nn.Module) -> Iterator[torch.nn.Parameter]:
     """The 2-D float weights of the plain `nn.Linear` layers on the CPU, each once (a tied
     output head and embedding share one). Quantised (bitsandbytes) weights are not plain."""
@@ -177,8 +183,8 @@ def generate_ids(
                 out = model(
                     input_ids=step_input,
                     position_ids=positions.unsqueeze(0),
-                    past_key_values=cache,
                     use_cache=True,
+                    **{cache_keyword(type(model)): cache},
                     **extra,
                 )
                 logits = out.logits[:, -1, :]
