@@ -411,3 +411,32 @@ def test_byte_fallback_bpe_whose_merges_are_not_sentencepiece_is_refused(tmp_pat
     model = tiny_models.make_family_model("llama", tokenizer)
     with pytest.raises(LargeForgeError, match="merges are not SentencePiece's"):
         export_gguf(str(save_model(model, tokenizer, tmp_path / "m")), tmp_path / "m.gguf")
+
+
+def test_the_real_llama_2_tokenizer(tmp_path):
+    """The tokenizer Llama 2 and TinyLlama ship (`tokenizer.model`, 32,000 SentencePiece
+    pieces with byte fallback; ../shared/data/tokenizers/llama2), as the tokenizer.json of their
+    Hugging Face repositories has it, on a tiny random Llama: llama.cpp tokenises like
+    SentencePiece itself and continues greedily like we do."""
+    spm = pytest.importorskip("sentencepiece")
+    from conftest import SHARED_DATA
+
+    model_file = SHARED_DATA / "tokenizers" / "llama2" / "tokenizer.model"
+    if not model_file.is_file():
+        pytest.skip(f"shared data not found at {model_file}")
+    processor = spm.SentencePieceProcessor(model_file=str(model_file))
+    tokenizer = tiny_models.make_sentencepiece_tokenizer(processor)
+    assert len(tokenizer) == 32000
+    out = export_vocab(tokenizer, tmp_path, "llama2")
+    assert field(out, "tokenizer.ggml.model") == "llama"
+    texts = MORE_TRICKY
+    with Opened(out) as llm:
+        assert_same_ids(llm, tokenizer, texts)
+        for text in texts:
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == \
+                processor.encode(text), text
+        model, _ = load_for_inference(tmp_path / "llama2", device="cpu")
+        ids = encode_prompt(tokenizer, PROMPTS[0])
+        ours = list(generate_ids(model, ids, SamplingParams(temperature=0, max_new_tokens=32),
+                                 model_eos_ids(model, tokenizer)))
+        assert llama_greedy(llm, ids[0].tolist(), len(ours)) == ours

@@ -312,9 +312,11 @@ def test_cli_import_and_generate(tokenizer, tmp_path, _own_cache):
     assert len(cache_entries(_own_cache)) == 2
 
 
-def test_lora_on_a_gguf_names_the_file_as_its_base(tokenizer, tmp_path, _own_cache):
-    """An adapter trained on a GGUF names the GGUF, not its cache directory: merging still
-    works after the import cache is cleared (the file is imported again)."""
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_on_a_gguf_names_the_file_as_its_base(method, tokenizer, tmp_path, _own_cache):
+    """An adapter trained on a GGUF (LoRA, or QLoRA on its 4-bit copy) names the GGUF, not its
+    cache directory: merging still works after the import cache is cleared (the file is
+    imported again)."""
     import shutil
 
     from largeforge.chat_templates import get_template
@@ -327,7 +329,7 @@ def test_lora_on_a_gguf_names_the_file_as_its_base(tokenizer, tmp_path, _own_cac
         for i in range(8)))
     result = run_cli("train", "sft", "--model", str(path), "--dataset", str(data),
                      "--output", str(tmp_path / "sft"), "--max-steps", "2", "--batch-size", "2",
-                     "--seq-len", "32", "--eval-every", "2")
+                     "--seq-len", "32", "--eval-every", "2", "--method", method)
     assert result.returncode == 0, result.stderr
     adapter = json.loads((tmp_path / "sft" / "final" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(path.resolve())

@@ -110,6 +110,9 @@ def load_quantized_base(ref: str, *, quant_type: str = "nf4", double_quant: bool
         ) from None
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from largeforge.runs import resolve_model_dir
+
+    ref = resolve_model_dir(ref)  # a GGUF file or Ollama model: its imported directory
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
