@@ -63,7 +63,7 @@ test-tools:
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q $$missing >/dev/null; }; \
 	fi
 
-# Every benchmark (about 25 minutes on 2 cores), then docs/benchmarks.md from the results.
+# Every benchmark (about 38 minutes on 2 cores), then docs/benchmarks.md from the results.
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks
 

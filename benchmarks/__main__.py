@@ -1,7 +1,7 @@
 """Run every benchmark, one after another, each in a process of its own, then render
 `docs/benchmarks.md` from `benchmarks/results/*.json`.
 
-    python -m benchmarks                      # everything (about 37 minutes on 2 cores)
+    python -m benchmarks                      # everything (about 38 minutes on 2 cores)
     python -m benchmarks --only inference     # one (repeat --only for more)
     python -m benchmarks --quick              # a smoke run of everything, a few minutes
     python -m benchmarks --report-only        # re-render the report from the results
