@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from common import SHARED_DATA, median, print_table, write_result
+from finetune import RssSampler  # the same sampler: training RSS means the same
 
 SEQ, BATCH, LR, SEED = 256, 4, 2e-4, 1337
 LORA_R, LORA_ALPHA = 8, 16
@@ -167,39 +168,6 @@ def build_plan(model_dir: str, steps: int) -> dict[str, Any]:
 
 
 # --- one fine-tuning run (in a child process) -------------------------------------------------
-
-
-class RssSampler:
-    """This process's RSS every 20 ms in a background thread (as finetune.py samples it)."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.samples: list[tuple[float, float]] = []
-        self._stop = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with open("/proc/self/statm") as f:
-                rss = int(f.read().split()[1]) * self._page / 2**20
-            self.samples.append((time.perf_counter(), rss))
-            time.sleep(0.02)
-
-    def __enter__(self) -> RssSampler:
-        self.start = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.end = time.perf_counter()
-        self._stop.set()
-        self._thread.join()
-
-    def second_half_peak(self) -> float:
-        middle = (self.start + self.end) / 2
-        return max((rss for t, rss in self.samples if t >= middle), default=0.0)
 
 
 def run_largeforge(method: str, precision: str, gguf: Path, out: Path, steps: int
@@ -353,16 +321,6 @@ def loss_agreement(a: list[float], b: list[float]) -> dict[str, Any]:
                                 default=None)}
 
 
-def agreement(a: list[int], b: list[int]) -> float:
-    """Fraction of the tokens two greedy outputs share before they first differ."""
-    same = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        same += 1
-    return same / max(len(a), 1)
-
-
 # --- decoding -----------------------------------------------------------------------------------
 
 
@@ -381,7 +339,7 @@ def decode(model_dir: str, gguf: Path, new_tokens: int, rounds: int, threads: in
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from inference import hf_generate, llama_batch1, ours_batch1
+    from inference import agreement, hf_generate, llama_batch1, ours_batch1
     from largeforge.export.gguf import export_gguf
     from largeforge.export.gguf_quantize import read_report
     from largeforge.inference.generate import load_for_inference
