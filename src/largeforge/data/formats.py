@@ -361,7 +361,7 @@ def load_records(
     validate` to see every problem)."""
     import datasets
 
-    from largeforge.data.pretrain import cache_root
+    from largeforge.cache_paths import cache_root
 
     if format is not None:
         check_format(format)

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from largeforge.cache_paths import cache_root
 from largeforge.data.cleaning import in_eval_split
 from largeforge.data.sources import Source, fingerprint, iter_documents, resolve_sources
 from largeforge.errors import LargeForgeError
@@ -31,14 +32,6 @@ from largeforge.tokenizer import tokenizer_fingerprint
 MANIFEST_VERSION = 2  # 2: the document split uses cleaning.in_eval_split
 ENCODE_BATCH_DOCS = 512
 SPLITS = ("document", "tail")
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """`cache_dir`, else $LARGEFORGE_CACHE_DIR, else ~/.cache/largeforge."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("LARGEFORGE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "largeforge"
 
 
 class TokenArray:

@@ -4,19 +4,13 @@ output directory, written atomically.
 `load_source` accepts a model directory, a run directory, a PEFT (LoRA) adapter directory or a
 LoRA run (whose final/ is an adapter) and a hub id; an adapter is merged into its base first
 (`largeforge.adapters.load_adapted_model`, peft's `merge_and_unload`), so every format gets one
-model with the same logits as base + adapter. `staged_output` gives an export a fresh staging
-directory beside the output and renames it into place only when everything is written, so a
-failed or interrupted export leaves nothing behind.
+model with the same logits as base + adapter. `staged_output`, `check_output` and
+`save_tokenizer` live in `export.staging` (imports use them too) and are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +18,9 @@ from typing import Any
 import torch
 
 from largeforge.errors import LargeForgeError
+from largeforge.export.staging import check_output as check_output
+from largeforge.export.staging import save_tokenizer as save_tokenizer
+from largeforge.export.staging import staged_output as staged_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 EXPORT_INFO = "export_info.json"
@@ -37,53 +34,6 @@ class ExportSource:
     tokenizer: Any | None  # None when neither the model nor its base has one
     reference: str  # the resolved model directory (or hub id)
     merged_adapter: bool  # True when `reference` was a LoRA adapter, now merged in
-
-
-def check_output(output: Path, *, overwrite: bool, source: str | None = None) -> None:
-    """Refuse an output that holds something (unless `overwrite`) or that is the model itself.
-
-    Called before the (slow) model load, so a wrong output fails at once and writes nothing.
-    """
-    if source is not None and Path(source).exists():
-        src = Path(source).resolve()
-        out = output.resolve()
-        if out == src or src.is_relative_to(out):
-            raise LargeForgeError(
-                f"output {output} would replace the model being exported ({source}); "
-                "choose another output"
-            )
-    if output.is_file() and not overwrite:
-        raise LargeForgeError(
-            f"output {output} is an existing file; choose another path or pass --overwrite"
-        )
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise LargeForgeError(
-            f"output {output} is not empty; choose another or pass --overwrite"
-        )
-
-
-@contextmanager
-def staged_output(output: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty staging directory beside `output`; on success it replaces `output`
-    (renames, so readers never see a half-written export); on any error it is removed."""
-    check_output(output, overwrite=overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
-        yield staging
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(staging, output)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _refuse_quantized(resolved: str) -> None:
@@ -142,27 +92,6 @@ def load_source(model_ref: str | Path, *, dtype: torch.dtype = torch.float32) ->
     tokenizer = find_tokenizer(resolved, base)
     return ExportSource(model=model, tokenizer=tokenizer, reference=resolved,
                         merged_adapter=adapter)
-
-
-def save_tokenizer(tokenizer: Any | None, directory: Path) -> list[str]:
-    """Write the tokenizer (if any) into `directory`; returns the file names written.
-
-    transformers 5 writes a chat template to chat_template.jinja; it is also put into
-    tokenizer_config.json (its older home), which earlier transformers versions and converters
-    such as llama.cpp's read.
-    """
-    if tokenizer is None:
-        return []
-    before = set(os.listdir(directory))
-    tokenizer.save_pretrained(str(directory))
-    template = getattr(tokenizer, "chat_template", None)
-    config_file = directory / "tokenizer_config.json"
-    if isinstance(template, str) and config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-        config["chat_template"] = template
-        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                               encoding="utf-8")
-    return sorted(set(os.listdir(directory)) - before)
 
 
 def write_export_info(directory: Path, info: dict[str, Any]) -> None:

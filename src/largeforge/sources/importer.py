@@ -87,7 +87,7 @@ def import_model(source: str | Path, output: str | Path, *, dtype: str = "float3
 
     `output` must be new or empty unless `overwrite`; it is staged beside `output` and renamed
     into place, so a failure leaves nothing."""
-    from largeforge.export.source import check_output, staged_output
+    from largeforge.export.staging import check_output, staged_output
     from largeforge.sources.convert import check_dtype, write_hf_directory
 
     check_dtype(dtype)
@@ -101,7 +101,7 @@ def import_model(source: str | Path, output: str | Path, *, dtype: str = "float3
 
 
 def cache_dir() -> Path:
-    from largeforge.data.pretrain import cache_root
+    from largeforge.cache_paths import cache_root
 
     return cache_root() / CACHE_SUBDIR
 

@@ -235,7 +235,7 @@ def _lora_flags(lora_config: Any) -> dict[str, Any]:
 
 
 def _cache_root() -> Path:
-    from largeforge.data.pretrain import cache_root
+    from largeforge.cache_paths import cache_root
 
     return cache_root()
 
