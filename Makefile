@@ -40,7 +40,7 @@ quickstart: $(VENV)/.core
 # SmolLM2-135M-Instruct, eval before/after, GGUF Q4_K_M in llama.cpp, Ollama, the OpenAI API.
 real-model: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" PYTHON="$(abspath $(BIN))/python" \
-	  bash examples/real_model/run.sh
+	  $(if $(ALPACA),ALPACA="$(abspath $(ALPACA))") bash examples/real_model/run.sh
 
 # The default suite (about 15 minutes on 2 cores), then the tests marked slow (the learning
 # proofs and the real-model path: about 15 minutes more). `pytest` alone runs only the default suite.

@@ -9,7 +9,8 @@
 #
 #   bash examples/real_model/run.sh            # or: make real-model
 #
-# Environment: WORK (default runs/real-model), ALPACA (default ../shared/data/alpaca_sample.json),
+# Environment: WORK (default runs/real-model), ALPACA (an Alpaca JSON file; default: the project's
+# ../shared/data/alpaca_sample.json, which a clone of the repository alone does not have),
 # LARGEFORGE (default: largeforge), PYTHON (default: python), PORT (default 8765),
 # MODEL (default: the packaged SmolLM2 GGUF).
 set -euo pipefail
@@ -18,7 +19,14 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PY=${PYTHON:-python}
 LF=${LARGEFORGE:-largeforge}
 WORK=${WORK:-runs/real-model}
-ALPACA=$(realpath "${ALPACA:-$HERE/../../../shared/data/alpaca_sample.json}")
+ALPACA=${ALPACA:-$HERE/../../../shared/data/alpaca_sample.json}
+if [ ! -f "$ALPACA" ]; then
+  echo "error: no Alpaca data at $ALPACA; set ALPACA to an Alpaca JSON file, for example" \
+    "alpaca_data.json from github.com/tatsu-lab/stanford_alpaca (any size: the first 280" \
+    "short answers are used)" >&2
+  exit 2
+fi
+ALPACA=$(realpath "$ALPACA")
 PORT=${PORT:-8765}
 MODEL=${MODEL:-$("$PY" "$HERE/checks.py" smollm2-path)}
 CHECKS="$HERE/checks.py"
