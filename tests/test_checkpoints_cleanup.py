@@ -16,10 +16,9 @@ import pytest
 from rich.console import Console
 
 from conftest import logged_losses, run_cli
-from largeforge.checkpoint_cleanup import cleanup_checkpoints, plan_cleanup
 from largeforge.config import load_recipe
 from largeforge.errors import LargeForgeError
-from largeforge.registry import Registry
+from largeforge.runs import Registry, cleanup_checkpoints, plan_cleanup
 from test_registry import error_line, recipe_dict, write_corpus
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli
 from largeforge.errors import LargeForgeError
-from largeforge.registry import MIGRATIONS, Registry, RunRecord
+from largeforge.runs import MIGRATIONS, Registry, RunRecord
 from largeforge.serving.experts import add_expert, get_expert, list_experts, remove_expert
 
 

@@ -23,10 +23,10 @@ import yaml
 from rich.console import Console
 
 from conftest import SHARED_DATA, checkpoint_reached, kill_cli_when, run_cli
-from largeforge import registry as registry_module
 from largeforge.config import load_recipe
 from largeforge.errors import LargeForgeError
-from largeforge.registry import Registry, RunRecord, RunRecorder
+from largeforge.runs import Registry, RunRecord, RunRecorder
+from largeforge.runs import registry as registry_module
 
 
 def recipe_dict(data: Path, out: Path, name: str, **train: object) -> dict:
@@ -296,7 +296,7 @@ def test_several_processes_writing_at_once_lose_nothing(tmp_path):
     script = f"""
 import os, sys, time
 from pathlib import Path
-from largeforge.registry import Registry, RunRecord
+from largeforge.runs import Registry, RunRecord
 i = int(sys.argv[1])
 while not Path({str(go)!r}).exists():
     time.sleep(0.001)

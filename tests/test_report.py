@@ -19,7 +19,7 @@ from PIL import Image
 from browser import open_in_chromium, table_cells_probe
 from conftest import SHARED_DATA
 from largeforge.errors import LargeForgeError
-from largeforge.evaluation.report import write_run_report
+from largeforge.runs.report import write_run_report
 
 DATA_URI = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([^"]*)"')
 

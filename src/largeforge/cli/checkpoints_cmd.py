@@ -29,9 +29,14 @@ def cleanup_command(
     """Remove checkpoints/step-N/ directories but the best, the last and the one `latest`
     names (resume needs it); best/ and final/ are never touched. Prints each directory removed
     with its size, and the total freed."""
-    from largeforge.checkpoint_cleanup import Checkpoint, cleanup_checkpoints, format_size
     from largeforge.errors import LargeForgeError
-    from largeforge.registry import Registry, resolve_run_dir
+    from largeforge.runs import (
+        Checkpoint,
+        Registry,
+        cleanup_checkpoints,
+        format_size,
+        resolve_run_dir,
+    )
 
     for flag, value in (("--keep-best", keep_best), ("--keep-last", keep_last)):
         if value < 0:  # checked before the registry is opened
@@ -76,19 +81,18 @@ def consolidate_command(
 ) -> None:
     """Turn a sharded (FSDP) checkpoint into a Hugging Face model directory (config.json,
     model.safetensors, tokenizer), in one process: every other command then takes it."""
-    from largeforge.registry import Registry, resolve_run_dir
-    from largeforge.training.checkpoint import STATE_FILE
+    from largeforge.runs import CONSOLIDATED_DIR, STATE_FILE, Registry, RunDir, resolve_run_dir
     from largeforge.training.distributed import consolidate_checkpoint, run_checkpoint
 
     path = Path(run).expanduser()
     if (path / STATE_FILE).is_file():  # a checkpoint directory itself
         ckpt = path
-        default_output = path.parent.parent / "consolidated" / path.name
+        default_output = path.parent.parent / CONSOLIDATED_DIR / path.name
     else:
         reg = Registry(registry, create=False) if registry is not None else None
         run_dir = resolve_run_dir(run, reg)
         ckpt = run_checkpoint(run_dir, checkpoint)
-        default_output = run_dir / "consolidated" / ckpt.name
+        default_output = RunDir(run_dir).consolidated / ckpt.name
     target = consolidate_checkpoint(ckpt, output or default_output)
     Console(highlight=False).print(f"consolidated {ckpt} -> {target}", soft_wrap=True)
 

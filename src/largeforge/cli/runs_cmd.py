@@ -33,7 +33,7 @@ def _console() -> Console:
 
 
 def _registry(path: Path | None) -> Any:
-    from largeforge.registry import Registry
+    from largeforge.runs import Registry
 
     return Registry(path, create=False)
 
@@ -49,7 +49,7 @@ def list_command(
     as_json: bool = JsonOpt,
 ) -> None:
     """Every run in the registry, most recently updated first."""
-    from largeforge.registry import format_time
+    from largeforge.runs import format_time
 
     reg = _registry(registry)
     records = reg.list_runs(status=status, limit=limit)
@@ -81,8 +81,14 @@ def show_command(
     """Everything about one run: registry row, run.json and last metrics.
 
     A run directory that is not in the registry is shown from its files."""
-    from largeforge.registry import format_time
-    from largeforge.run_logs import format_record, last_records, live_status, read_records
+    from largeforge.runs import (
+        RunDir,
+        format_record,
+        format_time,
+        last_records,
+        live_status,
+        read_records,
+    )
 
     run_dir, record = _resolve(run, registry)
     state = _run_state(run_dir)
@@ -134,12 +140,10 @@ def show_command(
         row("median tokens/s", f"{state['median_tokens_per_s']:,.0f}")
     if state.get("median_mfu") is not None:
         row("median MFU", f"{100 * state['median_mfu']:.1f}%")
-    for name in ("best", "final"):
-        path = run_dir / name
-        row(f"{name}/", path if path.is_dir() else None)
-    from largeforge.runs import latest_checkpoint
-
-    row("latest checkpoint", latest_checkpoint(run_dir))
+    run_files = RunDir(run_dir)
+    for path in (run_files.best, run_files.final):
+        row(f"{path.name}/", path if path.is_dir() else None)
+    row("latest checkpoint", run_files.latest_checkpoint())
     if record is not None and record.pid:
         row("process", f"pid {record.pid}" + (f" on {record.hostname}" if record.hostname else ""))
     row("last train", format_record(last["train"]) if last["train"] else "no record yet")
@@ -159,7 +163,7 @@ def logs_command(
 ) -> None:
     """A run's metrics.jsonl as readable lines; with --follow, as they are written."""
     from largeforge.errors import LargeForgeError
-    from largeforge.run_logs import follow_records, format_record, live_status, read_records
+    from largeforge.runs import follow_records, format_record, live_status, read_records
 
     if interval <= 0:
         raise LargeForgeError(f"--interval must be above 0 seconds, not {interval}")
@@ -202,7 +206,7 @@ def report_command(
 ) -> None:
     """Write the run's report.html again (curves, eval table, checkpoints, recipe, hardware):
     training writes one at its end; this one also works on a running or killed run."""
-    from largeforge.evaluation.report import write_run_report
+    from largeforge.runs.report import write_run_report
 
     run_dir, _ = _resolve(run, registry)
     path = write_run_report(run_dir, output)
@@ -212,7 +216,7 @@ def report_command(
 def _resolve(run: str, registry: Path | None) -> tuple[Path, Any]:
     """(run directory, registry row or None). A path not in the registry is fine; a name
     must be in it."""
-    from largeforge.registry import resolve_run_dir
+    from largeforge.runs import resolve_run_dir
 
     reg = _registry(registry)
     run_dir = resolve_run_dir(run, reg)
@@ -220,9 +224,14 @@ def _resolve(run: str, registry: Path | None) -> tuple[Path, Any]:
 
 
 def _run_state(run_dir: Path) -> dict[str, Any]:
-    from largeforge.run_logs import read_run_state
+    """run.json for display: a damaged one shows as empty (the registry row and the metrics
+    still say what they know; `runs report` is where the damage is reported)."""
+    from largeforge.runs import RunDir, RunStateError
 
-    return read_run_state(run_dir)
+    try:
+        return RunDir(run_dir).read_state()
+    except RunStateError:
+        return {}
 
 
 def _steps(step: int | None, max_steps: int | None) -> str:

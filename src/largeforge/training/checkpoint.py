@@ -9,10 +9,8 @@ moment leaves `latest` naming a complete checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,12 +21,7 @@ import torch
 
 from largeforge.atomic_files import write_atomic_text
 from largeforge.errors import LargeForgeError
-from largeforge.runs import CHECKPOINTS_DIR, LATEST_FILE, latest_checkpoint
-
-STATE_FILE = "training_state.pt"
-# Written by runs on several processes (training/distributed.py): how many and in which mode.
-DISTRIBUTED_FILE = "distributed.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from largeforge.runs import RECIPE_FILE, STATE_FILE, RunDir, checkpoint_name
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -110,62 +103,41 @@ def save_checkpoint(
 
 def new_checkpoint_dir(run_dir: Path, step: int) -> Path:
     """A fresh temporary directory next to where `step-N/` will go, to fill and commit."""
-    root = run_dir / CHECKPOINTS_DIR
+    root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}.tmp-"))
+    return Path(tempfile.mkdtemp(dir=root, prefix=f".{checkpoint_name(step)}.tmp-"))
 
 
 def write_checkpoint_state(
     directory: Path, training_state: dict[str, Any], recipe_yaml: str
 ) -> None:
     """The recipe and `training_state.pt` (with this process's RNG states) of a checkpoint."""
-    (directory / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    (directory / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     state = dict(training_state, rng=capture_rng_state())
     torch.save(state, directory / STATE_FILE)
 
 
 def commit_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int) -> Path:
     """Rename a filled temporary directory to `step-N/`, then point `latest` at it and prune."""
-    root = run_dir / CHECKPOINTS_DIR
-    final = root / f"step-{step}"
+    run = RunDir(run_dir)
+    final = run.checkpoint(step)
     try:
         _replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_atomic_text(root / LATEST_FILE, final.name + "\n")
-    _prune(root, keep=keep, protect=final)
+    write_atomic_text(run.latest_file, final.name + "\n")
+    _prune(run, keep=keep, protect=final)
     return final
 
 
-def _prune(root: Path, keep: int, protect: Path) -> None:
-    steps = sorted(
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if p.is_dir() and (m := _STEP_DIR.match(p.name))
-    )
-    for _, path in steps[:-keep]:
+def _prune(run: RunDir, keep: int, protect: Path) -> None:
+    for _, path in run.step_checkpoints()[:-keep]:
         if path != protect:
             shutil.rmtree(path, ignore_errors=True)
     # Leftovers of a crash in the middle of a write.
-    for p in root.glob(".step-*.tmp-*"):
+    for p in run.checkpoints.glob(".step-*.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
-
-
-def find_checkpoint(ref: str | Path | None, run_dir: Path) -> Path:
-    """`--resume` (ref None or "latest") -> the run's latest; else a checkpoint dir or run dir."""
-    if ref in (None, "latest"):
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise LargeForgeError(f"nothing to resume: {run_dir} has no complete checkpoint")
-        return ckpt
-    path = Path(ref)
-    if (path / STATE_FILE).is_file():
-        return path
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise LargeForgeError(f"--resume {path}: not a checkpoint nor a run with checkpoints")
-    return ckpt
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
@@ -174,11 +146,3 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
         raise LargeForgeError(f"{checkpoint} is not a complete checkpoint: no {STATE_FILE}")
     # weights_only=False: the state holds Python RNG tuples and numpy arrays we wrote ourselves.
     return torch.load(state_file, map_location="cpu", weights_only=False)
-
-
-def checkpoint_world_size(checkpoint: Path) -> int:
-    """How many processes trained the run that wrote `checkpoint` (1 without distributed.json)."""
-    path = checkpoint / DISTRIBUTED_FILE
-    if not path.is_file():
-        return 1
-    return int(json.loads(path.read_text(encoding="utf-8")).get("world_size", 1))

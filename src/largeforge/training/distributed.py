@@ -42,8 +42,8 @@ import torch
 import torch.distributed as dist
 
 from largeforge.errors import LargeForgeError
+from largeforge.runs import DISTRIBUTED_FILE, LATEST_FILE, RunDir, is_model_dir
 from largeforge.training.checkpoint import (
-    DISTRIBUTED_FILE,
     capture_rng_state,
     commit_checkpoint,
     new_checkpoint_dir,
@@ -444,18 +444,17 @@ def load_full_weights(d: Distributed, model: torch.nn.Module, directory: Path) -
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
-def run_checkpoint(run_dir: Path, which: str = "latest") -> Path:
+def run_checkpoint(run_dir: Path, which: str = LATEST_FILE) -> Path:
     """A run's checkpoint by name: `latest` (what `checkpoints/latest` names) or `step-N`."""
-    from largeforge.runs import CHECKPOINTS_DIR, latest_checkpoint
-
-    if which == "latest":
-        found = latest_checkpoint(run_dir)
+    run = RunDir(run_dir)
+    if which == LATEST_FILE:
+        found = run.latest_checkpoint()
         if found is None:
             raise LargeForgeError(f"{run_dir} has no complete checkpoint")
         return found
-    path = run_dir / CHECKPOINTS_DIR / which
+    path = run.checkpoint(which)
     if not which.startswith("step-") or not path.is_dir():
-        root = run_dir / CHECKPOINTS_DIR
+        root = run.checkpoints
         have = sorted(p.name for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
         raise LargeForgeError(
             f"--checkpoint {which}: no such checkpoint in {run_dir} (it has: "
@@ -467,8 +466,6 @@ def run_checkpoint(run_dir: Path, which: str = "latest") -> Path:
 def consolidate_checkpoint(checkpoint: Path, output: Path) -> Path:
     """Turn a sharded (FSDP) checkpoint into a Hugging Face model directory at `output`, in one
     process without a process group (torch.distributed.checkpoint reads every rank's shards)."""
-    from largeforge.runs import is_model_dir
-
     if not is_sharded_checkpoint(checkpoint):
         what = ("already a Hugging Face model directory (a DDP or one-process checkpoint)"
                 if is_model_dir(checkpoint) else "not a checkpoint")

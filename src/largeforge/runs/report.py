@@ -8,21 +8,15 @@ recipe, a model or a data file can never become markup.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from largeforge.errors import LargeForgeError
-from largeforge.evaluation.plots import Metrics, read_metrics, run_charts
-from largeforge.runs import CHECKPOINTS_DIR, METRICS_FILE, RECIPE_FILE, is_run_dir
-
-REPORT_FILE = "report.html"
-RUN_STATE_FILE = "run.json"  # written by training.run_dir.write_run_state
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from largeforge.runs import CHECKPOINTS_DIR, RECIPE_FILE, RunDir
+from largeforge.runs.plots import Metrics, read_metrics, run_charts
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
@@ -124,30 +118,31 @@ HARDWARE_LABELS = {
 def write_run_report(run_dir: Path, output: Path | None = None) -> Path:
     """Write the HTML report of the run in `run_dir` (default `run_dir/report.html`); returns
     its path. Works on a finished, running or failed run, with or without eval records."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise LargeForgeError(f"run directory {run_dir} not found")
-    if not is_run_dir(run_dir):
-        raise LargeForgeError(f"{run_dir} is not a run directory (it has no {RECIPE_FILE})")
-    target = Path(output) if output is not None else run_dir / REPORT_FILE
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise LargeForgeError(f"run directory {run} not found")
+    if not run.is_run():
+        raise LargeForgeError(f"{run} is not a run directory (it has no {RECIPE_FILE})")
+    target = Path(output) if output is not None else run.report
     check_output_file(target)
-    html = render_run_report(run_dir)
+    html = render_run_report(run.path)
     write_html(target, html)
     return target
 
 
 def render_run_report(run_dir: Path) -> str:
-    """The report of `run_dir` as an HTML string."""
-    state = read_run_state(run_dir)
-    metrics = read_metrics(run_dir / METRICS_FILE)
+    """The report of `run_dir` as an HTML string. A damaged run.json is an error (RunStateError,
+    naming the file), not an empty report: a report is what people trust about a run."""
+    run = RunDir(run_dir)
+    state = run.read_state()
+    metrics = read_metrics(run.metrics)
     best_step = _best_step(state, metrics)
     columns, rows = _eval_table(metrics, best_step)
-    recipe_path = run_dir / RECIPE_FILE
     return render(
         RUN_TEMPLATE,
-        title=f"LargeForge run {run_dir.name}",
-        name=run_dir.name,
-        run_dir=str(run_dir.resolve()),
+        title=f"LargeForge run {run.name}",
+        name=run.name,
+        run_dir=str(run.path.resolve()),
         status=state.get("status", "unknown"),
         steps=_steps_text(state, metrics),
         method=state.get("method", "unknown"),
@@ -161,25 +156,11 @@ def render_run_report(run_dir: Path) -> str:
         charts=run_charts(metrics),
         eval_columns=columns,
         eval_rows=rows,
-        checkpoints=_checkpoints(run_dir, state, best_step),
-        recipe=recipe_path.read_text(encoding="utf-8", errors="replace"),
+        checkpoints=_checkpoints(run, best_step),
+        recipe=run.recipe.read_text(encoding="utf-8", errors="replace"),
         hardware=[(HARDWARE_LABELS.get(k, k), "" if v is None else str(v))
                   for k, v in (state.get("hardware") or {}).items()],
     )
-
-
-def read_run_state(run_dir: Path) -> dict[str, Any]:
-    """`run.json`, or {} when the run has not written one yet."""
-    path = run_dir / RUN_STATE_FILE
-    if not path.is_file():
-        return {}
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LargeForgeError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(state, dict):
-        raise LargeForgeError(f"{path} must hold a JSON object")
-    return state
 
 
 # --- shared by the run and compare reports -------------------------------------------------
@@ -189,12 +170,12 @@ def render(template: str, **context: Any) -> str:
     from jinja2 import Environment, StrictUndefined
     from markupsafe import Markup
 
-    import largeforge
+    from largeforge.version import __version__
 
     env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True)
     return env.from_string(template).render(
         style=Markup(STYLE),  # our own CSS; escaping it would break its quotes
-        version=largeforge.__version__,
+        version=__version__,
         generated=time.strftime("%Y-%m-%d %H:%M:%S"), **context,
     )
 
@@ -208,7 +189,7 @@ def check_output_file(path: Path) -> None:
 
 
 def write_html(path: Path, html: str) -> None:
-    from largeforge.training.checkpoint import write_atomic_text
+    from largeforge.atomic_files import write_atomic_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic_text(path, html)
@@ -313,28 +294,19 @@ def _rate_text(value: object) -> str:
     return f"{value:,.0f} tokens/s"
 
 
-def _checkpoints(run_dir: Path, state: dict[str, Any], best_step: int | None
-                 ) -> list[CheckpointRow]:
-    from largeforge.runs import latest_checkpoint
-
+def _checkpoints(run: RunDir, best_step: int | None) -> list[CheckpointRow]:
     rows: list[CheckpointRow] = []
-    latest = latest_checkpoint(run_dir)
-    root = run_dir / CHECKPOINTS_DIR
-    numbered = sorted(
-        (int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
-        if p.is_dir() and (m := _STEP_DIR.match(p.name))
-    )
-    for step, path in numbered:
+    latest = run.latest_checkpoint()
+    for step, path in run.step_checkpoints():
         notes = [n for n, on in (("latest", latest == path), ("best step", step == best_step))
                  if on]
         rows.append(CheckpointRow(f"{CHECKPOINTS_DIR}/{path.name}", f"{step:,}", _kind(path),
                                   _size(path), ", ".join(notes)))
-    for name, note in (("best", f"best weights (step {best_step:,})" if best_step is not None
+    for path, note in ((run.best, f"best weights (step {best_step:,})" if best_step is not None
                         else "best weights"),
-                       ("final", "the model at the end of the run")):
-        path = run_dir / name
+                       (run.final, "the model at the end of the run")):
         if path.is_dir():
-            rows.append(CheckpointRow(f"{name}/", "", _kind(path), _size(path), note))
+            rows.append(CheckpointRow(f"{path.name}/", "", _kind(path), _size(path), note))
     return rows
 
 

@@ -1,20 +1,24 @@
-"""Claiming a run directory: fresh, resumed or overwritten, never silently clobbered."""
+"""Claiming a run directory: fresh, resumed or overwritten, never silently clobbered; and
+finding the checkpoint `--resume` means. Training's business (it compares the recipe with the
+checkpoint's), so it lives here, over `largeforge.runs`' names and paths.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
-from typing import Any
 
 from largeforge.atomic_files import write_atomic_text
 from largeforge.config import Recipe, recipe_differences, recipe_from_yaml
 from largeforge.errors import LargeForgeError
-from largeforge.runs import RECIPE_FILE, latest_checkpoint
-from largeforge.training.checkpoint import checkpoint_world_size, find_checkpoint
-
-RUN_STATE_FILE = "run.json"
+from largeforge.runs.run_dir import (
+    DISTRIBUTED_FILE,
+    LATEST_FILE,
+    RECIPE_FILE,
+    STATE_FILE,
+    RunDir,
+)
 
 
 def claim_run_dir(
@@ -34,15 +38,17 @@ def claim_run_dir(
     train.grad_accum when the number of processes (`world_size`) changed and the global batch
     (batch_size x grad_accum x processes) stays the same.
     """
+
     if resume is not None and overwrite:
         raise LargeForgeError("--resume and --overwrite contradict each other; choose one")
+    run = RunDir(run_dir)
     exists = run_dir.exists() and any(run_dir.iterdir())
     if run_dir.exists() and not run_dir.is_dir():
         raise LargeForgeError(f"output {run_dir} exists and is not a directory")
 
     if resume is not None:
         checkpoint = find_checkpoint(resume, run_dir)
-        saved = recipe_from_yaml(checkpoint / "recipe.yaml")
+        saved = recipe_from_yaml(checkpoint / RECIPE_FILE)  # each checkpoint keeps its recipe
         diffs = _resume_differences(saved, recipe, checkpoint_world_size(checkpoint),
                                     world_size)
         if diffs:
@@ -53,13 +59,13 @@ def claim_run_dir(
         return checkpoint
 
     if exists:
-        if not (run_dir / RECIPE_FILE).is_file():
+        if not run.is_run():
             raise LargeForgeError(
                 f"output directory {run_dir} is not empty and holds no LargeForge run; "
                 "choose another output.name or output.dir"
             )
         if not overwrite:
-            ckpt = latest_checkpoint(run_dir)
+            ckpt = run.latest_checkpoint()
             where = f" (latest checkpoint: {ckpt.name})" if ckpt else ""
             raise LargeForgeError(
                 f"{run_dir} already holds a run{where}; pass --resume to continue it or "
@@ -69,7 +75,7 @@ def claim_run_dir(
             shutil.rmtree(run_dir)
     if not dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic_text(run_dir / RECIPE_FILE, recipe.to_yaml())
+        write_atomic_text(run.recipe, recipe.to_yaml())
     return None
 
 
@@ -90,8 +96,25 @@ def _resume_differences(saved: Recipe, recipe: Recipe, saved_world: int,
     return diffs
 
 
-def write_run_state(run_dir: Path, **state: Any) -> None:
-    path = run_dir / RUN_STATE_FILE
-    current = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    current.update(state, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    write_atomic_text(path, json.dumps(current, indent=2) + "\n")
+def find_checkpoint(ref: str | Path | None, run_dir: Path) -> Path:
+    """`--resume` (ref None or "latest") -> the run's latest; else a checkpoint dir or run dir."""
+    if ref is None or ref == LATEST_FILE:
+        ckpt = RunDir(run_dir).latest_checkpoint()
+        if ckpt is None:
+            raise LargeForgeError(f"nothing to resume: {run_dir} has no complete checkpoint")
+        return ckpt
+    path = Path(ref)
+    if (path / STATE_FILE).is_file():
+        return path
+    ckpt = RunDir(path).latest_checkpoint()
+    if ckpt is None:
+        raise LargeForgeError(f"--resume {path}: not a checkpoint nor a run with checkpoints")
+    return ckpt
+
+
+def checkpoint_world_size(checkpoint: Path) -> int:
+    """How many processes trained the run that wrote `checkpoint` (1 without distributed.json)."""
+    path = checkpoint / DISTRIBUTED_FILE
+    if not path.is_file():
+        return 1
+    return int(json.loads(path.read_text(encoding="utf-8")).get("world_size", 1))

@@ -11,27 +11,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from largeforge.registry import RunRecord, process_alive
-from largeforge.runs import METRICS_FILE
-
-RUN_STATE_FILE = "run.json"
-
-
-def read_run_state(run_dir: Path) -> dict[str, Any]:
-    """`run.json`, or {} when the run has not written it yet (or it cannot be read)."""
-    path = run_dir / RUN_STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return state if isinstance(state, dict) else {}
+from largeforge.runs.registry import RunRecord, process_alive
+from largeforge.runs.run_dir import RunDir, RunStateError
 
 
 def live_status(run_dir: Path, record: RunRecord | None = None) -> str:
     """running, completed, stopped_early, failed, dead (marked running, its process gone) or
     unknown. `run.json` is written by the run itself, so it decides over the registry row
-    (which a run goes on without when the registry cannot be written)."""
-    state = read_run_state(run_dir)
+    (which a run goes on without when the registry cannot be written); a damaged `run.json`
+    does not stop `runs logs --follow`, the row decides then."""
+    try:
+        state = RunDir(run_dir).read_state()
+    except RunStateError:  # damaged: the registry row is the next best witness
+        state = {}
     status = state.get("status") or (record.status if record else None)
     pid = state.get("pid") or (record.pid if record else None)
     host = state.get("hostname") or (record.hostname if record else None)
@@ -42,7 +34,7 @@ def live_status(run_dir: Path, record: RunRecord | None = None) -> str:
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
     """Every complete record of `metrics.jsonl` (a torn last line is left for later)."""
-    tail = MetricsTail(run_dir / METRICS_FILE)
+    tail = MetricsTail(RunDir(run_dir).metrics)
     return list(tail.read_new())
 
 
@@ -112,7 +104,7 @@ def follow_records(
 ) -> Iterator[dict[str, Any]]:
     """Every record of the run's metrics, then the new ones as they are written, until
     `is_running()` turns false; the records written before that are all returned."""
-    tail = MetricsTail(run_dir / METRICS_FILE)
+    tail = MetricsTail(RunDir(run_dir).metrics)
     try:
         while True:
             # Asked before reading: once the run is over, this read sees all it wrote.

@@ -1,6 +1,7 @@
 """Removing a run's surplus checkpoints: keep the best few (by validation loss), the last few,
 and always the one `checkpoints/latest` names (resume needs it). `best/` and `final/` are never
 touched: only `checkpoints/step-N/` directories are candidates.
+Used by `largeforge checkpoints cleanup`.
 
 A checkpoint is removed crash-safely: renamed to a hidden name inside `checkpoints/` first
 (`.step-N.deleting-PID`), then deleted, so a crash half-way never leaves a partial `step-N/`
@@ -18,9 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from largeforge.errors import LargeForgeError
-from largeforge.runs import CHECKPOINTS_DIR, LATEST_FILE, METRICS_FILE, is_run_dir
+from largeforge.runs.run_dir import RECIPE_FILE, RunDir, parse_step
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^\.step-\d+\.deleting-\d+$")
 
 
@@ -70,7 +70,7 @@ def dir_size(path: Path) -> int:
 def eval_losses(run_dir: Path) -> dict[int, float]:
     """step -> validation loss, from the evaluation records of `metrics.jsonl` (the last record
     of a step wins: a resumed run replays its steps)."""
-    path = run_dir / METRICS_FILE
+    path = RunDir(run_dir).metrics
     losses: dict[int, float] = {}
     if not path.is_file():
         return losses
@@ -89,18 +89,18 @@ def plan_cleanup(run_dir: Path, keep_best: int, keep_last: int) -> CleanupPlan:
     for flag, value in (("--keep-best", keep_best), ("--keep-last", keep_last)):
         if value < 0:
             raise LargeForgeError(f"{flag} must be 0 or more, not {value}")
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir() or not is_run_dir(run_dir):
-        raise LargeForgeError(f"{run_dir} is not a run directory (no recipe.yaml)")
+    run = RunDir(run_dir)
+    run_dir = run.path
+    if not run_dir.is_dir() or not run.is_run():
+        raise LargeForgeError(f"{run_dir} is not a run directory (no {RECIPE_FILE})")
     plan = CleanupPlan(run_dir=run_dir)
-    root = run_dir / CHECKPOINTS_DIR
+    root = run.checkpoints
     if not root.is_dir():
         return plan
     losses = eval_losses(run_dir)
     for path in sorted(root.iterdir()):
-        match = _STEP_DIR.match(path.name)
-        if path.is_dir() and not path.is_symlink() and match:
-            step = int(match.group(1))
+        step = parse_step(path.name)
+        if path.is_dir() and not path.is_symlink() and step is not None:
             plan.checkpoints.append(Checkpoint(path, step, losses.get(step), dir_size(path)))
         elif path.is_dir() and _LEFTOVER.match(path.name):
             plan.leftovers.append(Checkpoint(path, -1, None, dir_size(path)))
@@ -109,7 +109,7 @@ def plan_cleanup(run_dir: Path, keep_best: int, keep_last: int) -> CleanupPlan:
     def keep(checkpoint: Checkpoint, why: str) -> None:
         plan.keep.setdefault(checkpoint.path, []).append(why)
 
-    latest = _latest_name(root)
+    latest = run.latest_name()
     for checkpoint in plan.checkpoints:
         if checkpoint.path.name == latest:
             keep(checkpoint, "latest (resume)")
@@ -133,7 +133,7 @@ def cleanup_checkpoints(
     for checkpoint in [*plan.leftovers, *plan.remove]:
         if dry_run:
             removed.append(checkpoint)
-        elif _remove(checkpoint.path):
+        elif _remove(RunDir(plan.run_dir), checkpoint.path):
             removed.append(checkpoint)
         else:
             continue
@@ -142,13 +142,13 @@ def cleanup_checkpoints(
     return CleanupResult(plan, removed, sum(c.size for c in removed), dry_run)
 
 
-def _remove(path: Path) -> bool:
+def _remove(run: RunDir, path: Path) -> bool:
     if _LEFTOVER.match(path.name):
         doomed = path
     else:
         # Checked again here, not only in the plan: a run still training may have moved
         # `latest` since; whatever it names now stays.
-        if _latest_name(path.parent) == path.name:
+        if run.latest_name() == path.name:
             return False
         doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
         try:
@@ -157,13 +157,6 @@ def _remove(path: Path) -> bool:
             return False
     shutil.rmtree(doomed)
     return True
-
-
-def _latest_name(root: Path) -> str | None:
-    try:
-        return (root / LATEST_FILE).read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
 
 
 def format_size(size: int) -> str:
