@@ -32,13 +32,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO, SHARED_DATA, run_cli
 from largeforge.errors import LargeForgeError
 from largeforge.serving.experts import add_expert
-from largeforge.serving.router_app import (
-    CircuitBreaker,
-    build_router,
-    create_router_app,
-    free_port,
-)
+from largeforge.serving.router_app import create_router_app
 from largeforge.serving.router_config import load_router_config
+from largeforge.serving.router_pools import CircuitBreaker
+from largeforge.serving.router_replicas import free_port
+from largeforge.serving.router_state import build_router
 from largeforge.serving.routing import (
     KeywordRouter,
     read_labeled_prompts,

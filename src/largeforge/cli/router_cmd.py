@@ -62,7 +62,7 @@ def expert_list(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Every registered expert."""
-    from largeforge.registry import format_time
+    from largeforge.runs import format_time
     from largeforge.serving.experts import open_registry
 
     reg = open_registry(registry)
@@ -126,8 +126,8 @@ def router_eval(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Routing accuracy of a router.yaml on labelled prompts (no server is started)."""
-    from largeforge.serving.router_app import build_router
     from largeforge.serving.router_config import load_router_config
+    from largeforge.serving.router_state import build_router
     from largeforge.serving.routing import read_labeled_prompts, routing_accuracy
 
     cfg = load_router_config(config)

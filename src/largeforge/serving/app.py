@@ -37,17 +37,16 @@ from pydantic import BaseModel, ValidationError
 from largeforge.chat_templates import tokenizer_adds_bos
 from largeforge.errors import LargeForgeError
 from largeforge.inference.chat import END_OF_TURN_MARKERS
-from largeforge.inference.engine import (
+from largeforge.inference.engine import ContinuousBatchingEngine
+from largeforge.inference.generate import encode_prompt
+from largeforge.inference.requests import (
     FINISH_CANCELLED,
-    ContinuousBatchingEngine,
     GenerationRequest,
     QueueFullError,
     RequestHandle,
     TokenEvent,
 )
-from largeforge.inference.generate import encode_prompt
 from largeforge.inference.sampling import SamplingParams
-from largeforge.serving.auth import Authenticator, RateLimiter
 from largeforge.serving.errors import (
     APIError,
     bad_request,
@@ -57,6 +56,7 @@ from largeforge.serving.errors import (
     overloaded,
     validation_error,
 )
+from largeforge.serving.http import authorizer, read_json_object
 from largeforge.serving.metrics import RequestMetricsMiddleware, ServerMetrics
 from largeforge.serving.openai_schema import (
     SSE_DONE,
@@ -79,7 +79,6 @@ from largeforge.serving.openai_schema import (
     sse_event,
 )
 
-MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this is refused (413)
 # max_tokens for a chat request that names none, when the model does not say its context.
 DEFAULT_MAX_TOKENS = 256
 
@@ -114,16 +113,12 @@ class _ServerState:
         tokenizer: Any,
         model_name: str,
         chat_template: str | None,
-        authenticator: Authenticator,
-        limiter: RateLimiter | None,
         metrics: ServerMetrics,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.chat_template = chat_template
-        self.authenticator = authenticator
-        self.limiter = limiter
         self.metrics = metrics
         self.created = now()
         self.chat_eos, self.chat_stops = chat_end_of_turn(
@@ -165,10 +160,8 @@ def create_app(
     """
     template = chat_template or _own_template(tokenizer)
     metrics = ServerMetrics(lambda: engine.stats, endpoints=ENDPOINTS)
-    state = _ServerState(
-        engine, tokenizer, model_name, template, Authenticator(api_keys),
-        RateLimiter(rate_limit) if rate_limit is not None else None, metrics,
-    )
+    authorize = authorizer(api_keys, rate_limit)
+    state = _ServerState(engine, tokenizer, model_name, template, metrics)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -182,12 +175,6 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-
-    async def authorize(request: Request) -> None:
-        key = state.authenticator.check(request.headers.get("authorization"))
-        if state.limiter is not None:
-            client = request.client.host if request.client else "unknown"
-            state.limiter.check(key if key is not None else f"address:{client}")
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 
@@ -203,7 +190,7 @@ def create_app(
 
     @api.post("/completions", response_model=None)
     async def completions(request: Request) -> Response:
-        body = _parse(CompletionRequest, await _read_json(request))
+        body = _parse(CompletionRequest, await read_json_object(request))
         _check_model(state, body.model)
         prompts = [_completion_ids(state, p) for p in body.prompts()]
         jobs = _jobs(state, body, prompts, body.max_tokens, "prompt", None, ())
@@ -211,7 +198,7 @@ def create_app(
 
     @api.post("/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> Response:
-        body = _parse(ChatCompletionRequest, await _read_json(request))
+        body = _parse(ChatCompletionRequest, await read_json_object(request))
         _check_model(state, body.model)
         ids = _chat_ids(state, body.conversation())
         jobs = _jobs(state, body, [ids], body.token_limit(), "messages", state.chat_eos,
@@ -244,39 +231,8 @@ def _own_template(tokenizer: Any) -> str | None:
 # --- request parsing ---------------------------------------------------------------------------
 
 
-async def _read_json(request: Request) -> Any:
-    """The body as JSON (400 when it is not JSON, 413 when too large). Read here, after the key
-    and rate checks, so an unauthenticated client learns nothing about its body."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_large()
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_large()
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    if not raw.strip():
-        raise bad_request("The request needs a JSON body.", None, "invalid_json")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(
-            f"We could not parse the JSON body of your request ({exc}). The body must be a JSON "
-            "object.", None, "invalid_json",
-        ) from exc
-
-
-def _too_large() -> APIError:
-    return APIError(413, f"The request body is larger than {MAX_BODY_BYTES // 2**20} MiB.",
-                    code="request_too_large")
-
-
-def _parse(model: type[BaseModel], payload: Any) -> Any:
-    if not isinstance(payload, dict):
-        raise bad_request(f"The request body must be a JSON object, got {type(payload).__name__}.",
-                          None, "invalid_type")
+def _parse(model: type[BaseModel], payload: dict[str, Any]) -> Any:
+    """The request's fields, checked by the schema: a 400 naming the first bad field."""
     try:
         return model.model_validate(payload)
     except ValidationError as exc:

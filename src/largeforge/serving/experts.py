@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from largeforge.errors import LargeForgeError
-from largeforge.registry import ExpertRecord, Registry
+from largeforge.runs import ExpertRecord, Registry
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -27,17 +27,16 @@ this router only. Unknown keys are errors naming the key and the file.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from largeforge.errors import LargeForgeError
-from largeforge.registry import ExpertRecord, Registry
+from largeforge.runs import ExpertRecord, Registry
 from largeforge.serving.experts import make_expert
+from largeforge.text_files import read_yaml_mapping
 
 
 class _Section(BaseModel):
@@ -137,7 +136,7 @@ class RouterConfig:
 def load_router_config(path: str | Path, *, registry: Registry | None = None) -> RouterConfig:
     """Read, validate and resolve a router.yaml (see the module docstring)."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml_mapping(path, "router config")
     try:
         parsed = RouterFile.model_validate(raw)
     except ValidationError as exc:
@@ -230,24 +229,6 @@ def _check_labels(classifier: Path, names: list[str], where: str) -> None:
 def _path(value: str, base: Path) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base / path).resolve()
-
-
-def _read_yaml(path: Path) -> Mapping[str, Any]:
-    if not path.is_file():
-        raise LargeForgeError(f"router config {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise LargeForgeError(f"router config {path} is not UTF-8 text ({exc.reason})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise LargeForgeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        raise LargeForgeError(f"router config {path} is empty")
-    if not isinstance(data, Mapping):
-        raise LargeForgeError(f"{path}: a router config must be a mapping of keys")
-    return data
 
 
 def _describe(exc: ValidationError, path: Path) -> str:

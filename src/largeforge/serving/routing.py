@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from largeforge.errors import LargeForgeError
+from largeforge.text_files import read_json_lines
 
 CLASSIFIER_FILE = "classifier.skops"
 META_FILE = "router.json"
@@ -135,24 +136,9 @@ class TrainResult:
 def read_labeled_prompts(path: str | Path) -> list[LabeledPrompt]:
     """JSONL records `{"text": ..., "label": ...}` (or `prompt` / `expert`). Every bad line is an
     error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise LargeForgeError(f"labelled prompts file {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise LargeForgeError(f"{path} is not UTF-8 text ({exc.reason})") from None
     out: list[LabeledPrompt] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LargeForgeError(f"{where}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise LargeForgeError(f"{where}: expected a JSON object with text and label")
+    for line in read_json_lines(path, "labelled prompts file"):
+        record, where = line.object(), line.where
         text = record.get("text", record.get("prompt"))
         label = record.get("label", record.get("expert"))
         if not isinstance(text, str) or not text.strip():
