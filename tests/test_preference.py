@@ -14,9 +14,11 @@ from transformers import AutoModelForCausalLM
 from conftest import run_cli
 from largeforge.data.preference_data import collate_pairs, prepare_preference_data
 from largeforge.training.preference import (
+    SimPOObjective,
     dpo_loss,
     orpo_odds_ratio_loss,
     sequence_logps,
+    simpo_loss,
 )
 from sft_tasks import CHAT_SPECIALS, split_task, task_texts
 from tiny_models import make_family_model, make_tokenizer
@@ -55,6 +57,68 @@ def test_orpo_odds_ratio_by_hand():
     # P(y_w) = 0.5 (odds 1), P(y_l) = 0.25 (odds 1/3): log odds ratio = log 3
     loss = orpo_odds_ratio_loss(t(math.log(0.5)), t(math.log(0.25)))
     assert loss.item() == pytest.approx(-math.log(1 / (1 + 1 / 3)))  # -log s(log 3) = log 4/3
+
+
+def test_simpo_by_hand_from_the_paper():
+    # Meng et al. 2024, eq. 6: -log s(beta/|y_w| log pi(y_w|x) - beta/|y_l| log pi(y_l|x) - gamma),
+    # here with mean log-probabilities -1 and -2, beta 2 and gamma 0.5: -log s(2 - 0.5)
+    loss = simpo_loss(t(-1.0), t(-2.0), beta=2.0, gamma=0.5)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.5)))
+    # The margin gamma raises the bar: equal rewards cost -log s(-gamma), more than log 2.
+    assert simpo_loss(t(-1.0), t(-1.0), beta=2.0, gamma=0.5).item() == pytest.approx(
+        math.log1p(math.exp(0.5)))
+    assert simpo_loss(t(-1.0), t(-1.0), beta=2.0, gamma=0.0).item() == pytest.approx(math.log(2))
+
+
+def test_simpo_objective_normalises_each_completion_by_its_length(tokenizer):
+    """The objective on a real batch: log-likelihoods divided by each side's own target count
+    (chosen and rejected differ in length here), with no reference model."""
+    from largeforge.data.formats import normalise_record
+
+    model = make_family_model("llama", tokenizer)
+    pairs = [{"prompt": "red cat", "chosen": "cat red", "rejected": "red cat red cat blue"},
+             {"prompt": "sun moon star", "chosen": "star moon sun", "rejected": "sun"}]
+    corpus = prepare_preference_data([normalise_record(p, "preference") for p in pairs],
+                                     tokenizer, seq_len=64, chat_template="chatml",
+                                     val_percent=0.0)
+    batch = collate_pairs(corpus.train, tokenizer.pad_token_id)
+    loss, metrics = SimPOObjective(beta=2.5, gamma=0.8)(model, batch)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    total, count = sequence_logps(logits, batch["labels"])
+    assert count[0] != count[2]  # the sides of the first pair have different lengths
+    mean = total / count
+    expected = -torch.nn.functional.logsigmoid(2.5 * (mean[:2] - mean[2:]) - 0.8).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["rewards_chosen"].item() == pytest.approx(2.5 * mean[:2].mean().item(),
+                                                             rel=1e-5)
+
+
+def test_simpo_trains_through_the_one_loop(tokenizer, tmp_path):
+    """SimPO is a row of the objective table: the same loop, data kind and logs as DPO."""
+    from largeforge import train
+    from largeforge.config import load_recipe
+
+    base = tmp_path / "base"
+    make_family_model("llama", tokenizer).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in reverse_vs_copy(64, seed=1)))
+    recipe = load_recipe({
+        "model": {"from_pretrained": str(base)},
+        "data": {"train": [str(data)], "seq_len": 64, "chat_template": "chatml"},
+        "train": {"objective": "simpo", "max_steps": 30, "batch_size": 8, "lr": 3e-3,
+                  "warmup_steps": 0, "log_every": 5, "eval_every": 15, "precision": "fp32"},
+        "preference": {"beta": 2.0, "simpo_gamma": 0.5},
+        "output": {"dir": str(tmp_path / "runs"), "name": "simpo"},
+    }, environ={})
+    result = train(recipe)
+    logged = [json.loads(line) for line in
+              (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logged if "loss" in r]
+    assert {"rewards_chosen", "reward_margin", "preference_accuracy"} <= set(logged[0])
+    assert losses[-1] < losses[0] and logged[-2]["reward_margin"] > 0, logged
 
 
 def test_dpo_against_trl(tmp_path):
@@ -122,7 +186,7 @@ def reverse_vs_copy(n: int, seed: int) -> list[dict]:
 
 def held_out_accuracy(policy, reference, pairs, tokenizer, objective: str) -> float:
     """Share of pairs whose chosen side the model prefers: DPO's implicit reward
-    (log pi - log ref) of chosen above rejected; for ORPO, the mean log-probability."""
+    (log pi - log ref) of chosen above rejected; for ORPO and SimPO, the mean log-probability."""
     from largeforge.data.formats import normalise_record
 
     records = [normalise_record(p, "preference") for p in pairs]
@@ -147,7 +211,7 @@ def held_out_accuracy(policy, reference, pairs, tokenizer, objective: str) -> fl
 
 @pytest.mark.slow  # a learning proof: ~2 min; `make test` runs the slow tests after the rest
 @pytest.mark.parametrize("objective, method", [("dpo", "full"), ("dpo", "lora"),
-                                               ("orpo", "full")])
+                                               ("orpo", "full"), ("simpo", "full")])
 def test_preference_training_moves_held_out_preferences(objective, method, tokenizer, tmp_path):
     base = tmp_path / "base"
     make_family_model("llama", tokenizer).save_pretrained(base)
@@ -165,7 +229,7 @@ def test_preference_training_moves_held_out_preferences(objective, method, token
         "fp32", "--max-steps", "500" if method == "lora" else "700", "--batch-size", "8",
         "--lr", "3e-3" if method == "lora" else "1e-3",
         "--set", "train.log_every=25", "--set", "train.eval_every=100", "--set", "lora.dropout=0",
-        "--set", "lora.r=16",
+        "--set", "lora.r=16", *(["--beta", "2.0"] if objective == "simpo" else []),
     )
     assert proc.returncode == 0, proc.stderr
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -110,7 +110,7 @@ def test_qlora_keeps_the_base_in_4_bits_and_its_adapter_loads_in_peft(tokenizer,
                                                                         tmp_path):
     from bitsandbytes.nn import Linear4bit
 
-    from largeforge.adapters import load_quantized_base
+    from largeforge.training.lora import load_quantized_base
 
     base = save_base("llama", tokenizer, tmp_path / "base")
     result = SFTTrainer(

@@ -1,9 +1,9 @@
-"""The model a run trains: every weight (`full`), LoRA adapters on a frozen base (`lora`), or LoRA
-adapters on a base held in 4-bit NF4 (`qlora`).
+"""LoRA adapter directories as `peft` writes them (adapter_config.json +
+adapter_model.safetensors): recognising one, the base it names, and its weights.
 
-Adapters are `peft`'s own (we do not re-implement LoRA): saved as adapter_config.json +
-adapter_model.safetensors, so `peft.PeftModel.from_pretrained(base, DIR)` loads what we write.
-QLoRA quantises the base through `bitsandbytes`, whose 4-bit kernels run on CPU as well as CUDA.
+A leaf below `models.py`, which loads an adapter merged into its base for inference; building
+adapters for training is `training/lora.py`. Importing this module also quiets the logs that
+`peft` and `bitsandbytes` print about things no user can act on.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import torch
+from typing import Any
 
 from largeforge.errors import LargeForgeError
 
@@ -27,13 +25,7 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 # peft still asks transformers for a property transformers has renamed; not the user's concern.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-if TYPE_CHECKING:
-    from peft import LoraConfig
-
-    from largeforge.config import Recipe
-
 ADAPTER_CONFIG = "adapter_config.json"
-ALL_LINEAR = "all-linear"
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -50,130 +42,6 @@ def adapter_base(adapter_dir: str | Path) -> str | None:
     return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
 
 
-def linear_module_names(model: torch.nn.Module) -> list[str]:
-    """The distinct short names of the layers LoRA can adapt (nn.Linear, GPT-2's Conv1D, and
-    bitsandbytes' 4-bit linears, which subclass nn.Linear), the output head excluded."""
-    from transformers.pytorch_utils import Conv1D
-
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
-    }
-    return sorted(names)
-
-
-def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
-    """Every requested module name must exist in the model; the error lists those that do."""
-    if targets == [ALL_LINEAR]:
-        return
-    available = linear_module_names(model)
-    missing = [t for t in targets if t not in available]
-    if missing:
-        family = getattr(getattr(model, "config", None), "model_type", "this model")
-        raise LargeForgeError(
-            f"lora.target_modules {', '.join(missing)} not found in the {family} model; "
-            f"its linear layers are: {', '.join(available)} (or use all-linear)"
-        )
-
-
-def lora_config(recipe: Recipe) -> LoraConfig:
-    from peft import LoraConfig
-
-    cfg = recipe.lora
-    targets: str | list[str] = (
-        ALL_LINEAR if cfg.target_modules == [ALL_LINEAR] else list(cfg.target_modules)
-    )
-    if ALL_LINEAR in cfg.target_modules and len(cfg.target_modules) > 1:
-        raise LargeForgeError("lora.target_modules: all-linear stands alone, not in a list")
-    return LoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-        use_dora=cfg.use_dora, task_type="CAUSAL_LM",
-    )
-
-
-def base_dtype(method: str, precision: str) -> torch.dtype:
-    """Full training keeps fp32 master weights; a frozen LoRA base may sit in bf16."""
-    return torch.bfloat16 if method == "lora" and precision == "bf16" else torch.float32
-
-
-def load_quantized_base(ref: str, *, quant_type: str = "nf4", double_quant: bool = True,
-                        compute_dtype: torch.dtype = torch.float32) -> Any:
-    """The base model with every linear layer (but the head) in 4 bits, on CPU or CUDA."""
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise LargeForgeError(
-            "train.method=qlora needs bitsandbytes (pip install bitsandbytes): it holds the base "
-            "weights in 4-bit NF4 (it runs on CPU and CUDA)"
-        ) from None
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from largeforge.runs import resolve_model_dir
-
-    ref = resolve_model_dir(ref)  # a GGUF file or Ollama model: its imported directory
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
-    )
-    device_map = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            ref, quantization_config=quantization, device_map=device_map, dtype=compute_dtype
-        )
-    except (ImportError, RuntimeError, ValueError) as exc:
-        raise LargeForgeError(
-            f"cannot load {ref} in 4 bits with bitsandbytes here: {exc}"
-        ) from None
-    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time it
-    # runs without gradients (our evaluations) and unpacks it on every save, and the round trip
-    # changes the frozen base slightly: training would depend on when it evaluated and saved,
-    # and a resumed run (fresh base) would not repeat the uninterrupted one. The plain 4-bit
-    # path is the one training takes anyway.
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
-
-
-def model_for_training(recipe: Recipe, base_ref: str, precision: str,
-                       checkpoint: Path | None = None) -> Any:
-    """The model to optimise. For lora/qlora: the base (frozen, 4-bit for qlora) with fresh
-    adapters, or with the adapters of `checkpoint` when resuming."""
-    from largeforge.models import load_model
-
-    method = recipe.train.method
-    if method == "full":
-        return load_model(checkpoint or base_ref)
-    if method == "qlora":
-        compute = torch.bfloat16 if precision == "bf16" else torch.float32
-        # The layers that stay unquantised (embeddings, norms) are in the compute dtype, as the
-        # frozen LoRA base is. Not peft's prepare_model_for_kbit_training: it upcasts them to
-        # fp32, which puts the whole residual stream in fp32 and doubles the activations kept
-        # for backward (+550 MB RSS on the base preset); the loop's non-reentrant gradient
-        # checkpointing needs none of its input-gradient hooks.
-        base = load_quantized_base(
-            base_ref, quant_type=recipe.lora.quant_type, double_quant=recipe.lora.double_quant,
-            compute_dtype=compute,
-        )
-    else:
-        base = load_model(base_ref, dtype=base_dtype(method, precision))
-    for p in base.parameters():
-        p.requires_grad_(False)
-    check_target_modules(base, list(recipe.lora.target_modules))
-    from peft import PeftModel, get_peft_model
-
-    if checkpoint is not None:
-        model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
-    else:
-        model = get_peft_model(base, lora_config(recipe))
-    for config in model.peft_config.values():  # the reference given, not where it was loaded
-        config.base_model_name_or_path = base_ref  # from (an imported GGUF's cache directory)
-    return model
-
-
 def uses_adapters(model: Any) -> bool:
     from peft import PeftModel
 
@@ -188,22 +56,3 @@ def load_adapter_weights(model: Any, directory: Path) -> None:
     set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
 
 
-def load_adapted_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float32,
-                       base: str | Path | None = None) -> Any:
-    """Base + adapter as one plain transformers model (the adapter merged in), for inference."""
-    from peft import PeftModel
-
-    from largeforge.models import load_model
-
-    base_ref = base or adapter_base(adapter_dir)
-    if not base_ref:
-        raise LargeForgeError(f"the adapter in {adapter_dir} does not name its base model")
-    if Path(str(base_ref)).resolve() == Path(adapter_dir).resolve():
-        raise LargeForgeError(f"the adapter in {adapter_dir} names itself as its base model")
-    model = load_model(base_ref, dtype=dtype)
-    try:
-        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise LargeForgeError(
-            f"the adapter in {adapter_dir} does not fit the base model {base_ref}: {exc}"
-        ) from None

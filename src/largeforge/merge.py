@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from largeforge.adapters import adapter_base, load_adapted_model
+from largeforge.adapters import adapter_base
 from largeforge.errors import LargeForgeError
+from largeforge.models import load_adapted_model
 
 
 def merge_adapter(

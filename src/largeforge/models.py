@@ -163,7 +163,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     """Load a causal LM from a model directory, a run directory (its final/, best/ or latest
     checkpoint), a PEFT adapter directory (its base with the adapter merged in) or a hub id
     (from the local Hugging Face cache, or downloaded when online)."""
-    from largeforge.adapters import is_adapter_dir, load_adapted_model
+    from largeforge.adapters import is_adapter_dir
     from largeforge.runs import not_cached_error, resolve_model_dir
 
     ref = resolve_model_dir(path)
@@ -191,6 +191,27 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
         return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
     except OSError:
         raise missing from None
+
+
+def load_adapted_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float32,
+                       base: str | Path | None = None) -> Any:
+    """Base + adapter as one plain transformers model (the adapter merged in), for inference."""
+    from peft import PeftModel
+
+    from largeforge.adapters import adapter_base
+
+    base_ref = base or adapter_base(adapter_dir)
+    if not base_ref:
+        raise LargeForgeError(f"the adapter in {adapter_dir} does not name its base model")
+    if Path(str(base_ref)).resolve() == Path(adapter_dir).resolve():
+        raise LargeForgeError(f"the adapter in {adapter_dir} names itself as its base model")
+    model = load_model(base_ref, dtype=dtype)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise LargeForgeError(
+            f"the adapter in {adapter_dir} does not fit the base model {base_ref}: {exc}"
+        ) from None
 
 
 def _offline() -> bool:

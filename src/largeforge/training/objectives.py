@@ -6,11 +6,17 @@ Later objectives (SFT with masks, DPO, ORPO, distillation) have the same shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from largeforge.training.cross_entropy import IGNORE_INDEX, cross_entropy
 from largeforge.training.linear_cross_entropy import linear_cross_entropy
+
+Batch = dict[str, torch.Tensor]
+# (model, batch) -> (loss, metrics); metrics are detached tensors, read only when logged.
+Objective = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 # Causal LMs whose logits are exactly `lm_head(model.model(...).last_hidden_state)`: no logit
 # scaling or soft-capping, so the head and the loss can be fused (linear_cross_entropy).

@@ -1,9 +1,10 @@
-"""Preference optimisation: DPO (Rafailov et al. 2023, with its label-smoothed and IPO variants)
-and ORPO (Hong et al. 2024), as plain loss functions on per-sequence log-probabilities, and the
-objectives that feed them from a batch of pairs (chosen rows first, rejected rows after).
+"""Preference optimisation: DPO (Rafailov et al. 2023, with its label-smoothed and IPO variants),
+ORPO (Hong et al. 2024) and SimPO (Meng et al. 2024), as plain loss functions on per-sequence
+log-probabilities, and the objectives that feed them from a batch of pairs (chosen rows first,
+rejected rows after).
 
 DPO's reference model is a frozen copy for full training, or the policy itself with its LoRA
-adapters switched off, so no second copy is held. ORPO needs no reference.
+adapters switched off, so no second copy is held. ORPO and SimPO need no reference.
 """
 
 from __future__ import annotations
@@ -68,6 +69,19 @@ def orpo_odds_ratio_loss(
         torch.log1p(-torch.exp(chosen_mean_logps)) - torch.log1p(-torch.exp(rejected_mean_logps))
     )
     return -F.logsigmoid(log_odds)
+
+
+def simpo_loss(
+    chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tensor, *, beta: float,
+    gamma: float,
+) -> torch.Tensor:
+    """Per-pair SimPO loss (Meng et al. 2024, eq. 6): the reward of a completion is its
+    length-normalised log-likelihood scaled by beta, and the chosen one must beat the rejected
+    one by the target margin gamma:
+
+        -log s(beta / |y_w| log pi(y_w|x) - beta / |y_l| log pi(y_l|x) - gamma)
+    """
+    return -F.logsigmoid(beta * (chosen_mean_logps - rejected_mean_logps) - gamma)
 
 
 def _split(batch: Batch, model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,3 +150,18 @@ class ORPOObjective:
         metrics = _metrics(self.beta * mean[:n].detach(), self.beta * mean[n:].detach())
         metrics.update(nll=nll.detach(), odds_ratio_loss=ratio.mean().detach())
         return loss, metrics
+
+
+class SimPOObjective:
+    """SimPO: the margin between length-normalised rewards, no reference model."""
+
+    def __init__(self, *, beta: float, gamma: float) -> None:
+        self.beta, self.gamma = beta, gamma
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
+        logps, counts = _split(batch, model)
+        n = logps.size(0) // 2
+        mean = logps / counts.clamp(min=1)
+        losses = simpo_loss(mean[:n], mean[n:], beta=self.beta, gamma=self.gamma)
+        return losses.mean(), _metrics(self.beta * mean[:n].detach(),
+                                       self.beta * mean[n:].detach())

@@ -1,6 +1,6 @@
-"""What a run trains and how it starts: the method checked against the data, the chat template
-an existing model needs, the model itself (built, loaded, or adapted with LoRA/QLoRA), and the best
-weights put back at the end."""
+"""How a run's model starts: the chat template an existing model needs, the model itself (built,
+loaded, or adapted with LoRA/QLoRA), the teacher's tokenizer checked, and the best weights put
+back at the end."""
 
 from __future__ import annotations
 
@@ -10,58 +10,6 @@ from typing import Any
 from largeforge.config import Recipe
 from largeforge.errors import LargeForgeError
 from largeforge.models import build_model, load_model
-
-
-def decide_data_kind(recipe: Recipe, *, sft: bool = False) -> str:
-    """"pretrain", "instruction" or "preference", decided once per run. `sft`: only
-    instruction data will do, and anything else is refused with what to do instead."""
-    from largeforge.data.instruct_data import data_kind
-
-    data = recipe.data
-    if recipe.train.objective in ("dpo", "orpo"):
-        return "preference"
-    try:
-        kind = data_kind(data.train, data.format, data.text_field)
-    except LargeForgeError as exc:
-        if sft and "preference" in str(exc):
-            raise _not_for_sft("preference") from None
-        raise
-    if sft and kind != "instruction":
-        raise _not_for_sft("text")
-    return kind
-
-
-def _not_for_sft(fmt: str) -> LargeForgeError:
-    if fmt == "preference":
-        return LargeForgeError(
-            "the dataset holds preference pairs (prompt/chosen/rejected), which train with DPO "
-            "or ORPO, not SFT; SFT needs alpaca, sharegpt or messages records"
-        )
-    return LargeForgeError(
-        "the dataset is plain text, which SFT cannot learn from: it needs alpaca "
-        "(instruction/input/output), sharegpt (conversations) or messages records; to continue "
-        "pretraining on text, use `largeforge train --data FILE --set model.from_pretrained=...`"
-    )
-
-
-def check_method(recipe: Recipe, kind: str) -> None:
-    """LoRA and QLoRA adapt an existing model; an eval file is for instruction data."""
-    if recipe.train.method != "full" and not recipe.model.from_pretrained:
-        raise LargeForgeError(
-            f"train.method={recipe.train.method} adapts an existing model: set "
-            "model.from_pretrained (or --model) to a model directory, run or hub id"
-        )
-    if recipe.train.objective == "distill" and not recipe.distill.teacher:
-        raise LargeForgeError("train.objective=distill needs distill.teacher (--teacher)")
-    if recipe.train.objective in ("dpo", "orpo") and not recipe.model.from_pretrained:
-        raise LargeForgeError(
-            f"train.objective={recipe.train.objective} tunes an existing (instruction-tuned) "
-            "model: set model.from_pretrained (or --model)"
-        )
-    if recipe.data.eval and kind != "instruction":
-        raise LargeForgeError(
-            "data.eval is for instruction data; pretraining text is split by data.val_percent"
-        )
 
 
 def default_template(recipe: Recipe, fmt: str, tokenizer: Any) -> str | None:
@@ -109,7 +57,7 @@ def model_for_run(
     """The model to train: resumed from `checkpoint`, an existing model (full, LoRA or QLoRA),
     or a new one of the recipe's shape."""
     if recipe.model.from_pretrained:
-        from largeforge.adapters import model_for_training
+        from largeforge.training.lora import model_for_training
 
         base = base_model_ref(recipe.model.from_pretrained, recipe.train.method)
         return model_for_training(recipe, base, precision, checkpoint)
@@ -134,27 +82,6 @@ def load_weights(model: Any, directory: Path) -> None:
     model.load_state_dict(saved.state_dict())
 
 
-def preference_objective(recipe: Recipe, model: Any) -> Any:
-    """DPO against a frozen copy (full training) or the adapters switched off (LoRA, QLoRA);
-    ORPO, which needs no reference."""
-    from largeforge.adapters import uses_adapters
-    from largeforge.training.preference import DPOObjective, ORPOObjective
-
-    cfg = recipe.preference
-    if recipe.train.objective == "orpo":
-        return ORPOObjective(beta=cfg.beta)
-    if uses_adapters(model):
-        return DPOObjective(beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                            loss_type=cfg.loss_type, adapters_off=model.disable_adapter)
-    # The model the run started from, also when it resumes from a later checkpoint.
-    base = base_model_ref(str(recipe.model.from_pretrained), recipe.train.method)
-    reference = load_model(base).to(next(model.parameters()).device).eval()
-    for p in reference.parameters():
-        p.requires_grad_(False)
-    return DPOObjective(beta=cfg.beta, label_smoothing=cfg.label_smoothing,
-                        loss_type=cfg.loss_type, reference=reference)
-
-
 def check_teacher_tokenizer(recipe: Recipe, tokenizer: Any) -> None:
     """Distillation compares distributions token by token: teacher and student share a
     vocabulary."""
@@ -170,15 +97,3 @@ def check_teacher_tokenizer(recipe: Recipe, tokenizer: Any) -> None:
             "distillation compares their distributions token by token; train the student with "
             "the teacher's tokenizer (tokenizer.path)"
         )
-
-
-def distill_objective(recipe: Recipe, device: Any, *, shifted: bool) -> Any:
-    """The teacher, loaded frozen in evaluation mode, behind the distillation loss."""
-    from largeforge.training.distill import DistillObjective
-
-    cfg = recipe.distill
-    teacher = load_model(str(cfg.teacher)).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return DistillObjective(teacher, temperature=cfg.temperature, alpha=cfg.alpha,
-                            shifted=shifted)

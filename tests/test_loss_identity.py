@@ -1,0 +1,26 @@
+"""The training loop's behaviour pinned bit for bit: pretraining, SFT (full, LoRA), DPO, ORPO
+and distillation runs with a fixed seed log exactly the numbers they logged before the loop was
+reshaped into the phased `Trainer` (see `loss_fingerprint.py` for how the reference was made)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loss_fingerprint import fingerprint
+
+REFERENCE = Path(__file__).parent / "data" / "loss_reference.json"
+
+
+@pytest.fixture(scope="module")
+def logged() -> dict[str, list[dict[str, float]]]:
+    return fingerprint()
+
+
+@pytest.mark.parametrize("run", ["pretrain", "sft_full", "sft_lora", "dpo", "orpo", "distill"])
+def test_losses_are_bit_identical_to_the_reference(run: str, logged: dict) -> None:
+    expected = json.loads(REFERENCE.read_text(encoding="utf-8"))[run]
+    # == on floats parsed from JSON: Python writes the shortest repr that reads back exactly.
+    assert logged[run] == expected
