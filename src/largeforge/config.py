@@ -12,13 +12,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from largeforge.errors import LargeForgeError
-from largeforge.models import ModelConfig, preset
+from largeforge.text_files import read_yaml_mapping
+
+if TYPE_CHECKING:  # models imports torch; the CLI reads this schema to build its flags
+    from largeforge.models import ModelConfig
 
 ENV_PREFIX = "LARGEFORGE_"
 
@@ -30,9 +33,10 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     """Which model to train: a preset with optional overrides, or an existing HF model."""
 
-    preset: str = "tiny"
+    preset: str = Field("tiny", description="model shape to build: tiny, small, medium, base")
     from_pretrained: str | None = Field(
-        None, description="start from this HF model directory or hub id instead of a preset"
+        None, description="an existing model to start from instead of a preset: a model "
+        "directory, a run or a hub id",
     )
     dim: int | None = Field(None, gt=0)
     n_layers: int | None = Field(None, gt=0)
@@ -49,6 +53,8 @@ class ModelSection(_Section):
 
     def resolve(self, tokenizer_size: int) -> ModelConfig:
         """The concrete model shape: the preset, then every override that is set."""
+        from largeforge.models import ModelConfig, preset
+
         base = preset(self.preset).model_dump()
         overrides = {
             k: v
@@ -78,7 +84,9 @@ class TokenizerSection(_Section):
 
 
 class DataSection(_Section):
-    train: list[str] = Field(default_factory=list, description="files, directories or globs")
+    train: list[str] = Field(
+        default_factory=list, description="training data: files, directories or globs"
+    )
     eval: list[str] = Field(
         default_factory=list,
         description="instruction data to evaluate on; unset: val_percent of train is held out",
@@ -87,10 +95,12 @@ class DataSection(_Section):
     doc_separator: str | None = "<|endoftext|>"
     val_percent: float = Field(10.0, ge=0.0, lt=100.0)
     split: Literal["document", "tail"] = "document"
-    seq_len: int = Field(256, gt=0)
+    seq_len: int = Field(256, gt=0, description="training sequence length in tokens")
     cache_dir: str | None = None
     # Instruction and chat data (alpaca, sharegpt, messages); plain text is pretraining data.
-    format: Literal["auto", "text", "alpaca", "sharegpt", "messages"] = "auto"
+    format: Literal["auto", "text", "alpaca", "sharegpt", "messages"] = Field(
+        "auto", description="what the records are; auto: told by their fields"
+    )
     chat_template: str | None = Field(
         None, description="built-in name or Jinja file; default: the tokenizer's own, else chatml"
     )
@@ -106,7 +116,7 @@ class LoraSection(_Section):
 
     r: int = Field(8, gt=0, description="rank of the update matrices")
     alpha: float = Field(16.0, gt=0, description="scaling: the update is multiplied by alpha/r")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapters' input")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
         description="module names (q_proj, v_proj, ...) or all-linear (every linear but the head)",
@@ -117,11 +127,13 @@ class LoraSection(_Section):
 
 
 class PreferenceSection(_Section):
-    """DPO and ORPO, used when train.objective is dpo or orpo."""
+    """DPO, ORPO and SimPO, used when train.objective is dpo, orpo or simpo."""
 
-    beta: float = Field(0.1, gt=0, description="DPO: KL strength; ORPO: weight of the odds ratio")
+    beta: float = Field(0.1, gt=0, description="DPO: KL strength; ORPO: weight of the odds "
+                        "ratio; SimPO: scale of the length-normalised reward")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="DPO: conservative DPO")
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO loss variant")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO: target reward margin (gamma)")
 
 
 class DistillSection(_Section):
@@ -138,17 +150,19 @@ class TrainSection(_Section):
     method: Literal["full", "lora", "qlora"] = Field(
         "full", description="train every weight, or LoRA adapters on a frozen (4-bit) base"
     )
-    objective: Literal["lm", "dpo", "orpo", "distill"] = Field(
-        "lm", description="next-token loss, preference optimisation on chosen/rejected pairs, "
-        "or distillation from distill.teacher"
+    objective: Literal["lm", "dpo", "orpo", "simpo", "distill"] = Field(
+        "lm", description="next-token loss, preference optimisation on chosen/rejected pairs "
+        "(dpo, orpo, simpo), or distillation from distill.teacher"
     )
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    max_steps: int = Field(1000, gt=0)
+    batch_size: int = Field(8, gt=0, description="sequences per micro-batch")
+    grad_accum: int = Field(
+        1, gt=0, description="micro-batches per optimizer step (gradient accumulation)"
+    )
+    max_steps: int = Field(1000, gt=0, description="optimizer steps to train")
     num_epochs: float | None = Field(
         None, gt=0, description="passes over the training data; when set, overrides max_steps"
     )
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
     min_lr: float | None = Field(None, ge=0, description="end of the cosine; default lr/10")
     warmup_steps: int = Field(100, ge=0)
     warmup_ratio: float | None = Field(
@@ -158,7 +172,7 @@ class TrainSection(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
-    eval_every: int = Field(200, gt=0)
+    eval_every: int = Field(200, gt=0, description="evaluate every N steps")
     eval_batches: int = Field(20, gt=0)
     save_every: int | None = Field(None, gt=0, description="default: eval_every")
     keep_checkpoints: int = Field(2, ge=1)
@@ -170,10 +184,14 @@ class TrainSection(_Section):
         True, description="final/ holds the weights of the best evaluation, not the last step"
     )
     seed: int = 1337
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="number format of training; auto: bf16 where it is fast, else fp32"
+    )
     device: str = "auto"
     compile: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass to save memory"
+    )
     threads: int | None = Field(None, gt=0, description="torch intra-op threads")
     distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto", description="several processes (torchrun, --nproc): ddp replicates the model, "
@@ -186,8 +204,11 @@ class TrainSection(_Section):
 
 
 class OutputSection(_Section):
-    dir: str = "runs"
-    name: str | None = Field(None, description="default: the recipe file or strategy name")
+    dir: str = Field("runs", description="parent directory of runs")
+    name: str | None = Field(
+        None, description="run name: the run goes to <dir>/<name>; default: the recipe file or "
+        "strategy name",
+    )
 
 
 class Recipe(_Section):
@@ -272,25 +293,11 @@ def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str, sources:
             sources[f"{section}.{key}"] = origin
 
 
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        raise LargeForgeError(f"recipe file {path} not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise LargeForgeError(f"recipe file {path} is not UTF-8 text ({exc.reason})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise LargeForgeError(f"{where}: invalid YAML: {problem}") from None
-    if data is None:
-        raise LargeForgeError(f"recipe file {path} is empty")
-    if not isinstance(data, Mapping):
-        raise LargeForgeError(f"{path}: a recipe must be a mapping of sections")
-    return data
+def _read_yaml(path: Path) -> Mapping[str, Any]:
+    """A recipe (or strategy, or saved run recipe) file: the shared YAML reader, so its
+    messages ("recipe file X not found", "X:3: invalid YAML", "a recipe must be a mapping of
+    sections") read as those of every other YAML file LargeForge takes."""
+    return read_yaml_mapping(path, "recipe file", of="sections")
 
 
 def parse_assignment(text: str, origin: str = "--set") -> tuple[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -12,30 +13,22 @@ from rich.table import Table
 from largeforge.cli import recipe_options as ro
 
 
+@ro.recipe_flags(*ro.TRAIN_FLAGS)
 def show(
     config: Path | None = ro.ConfigOpt,
     strategy: str | None = ro.StrategyOpt,
     strategy_file: Path | None = ro.StrategyFileOpt,
     overrides: list[str] | None = ro.SetOpt,
-    data: list[str] | None = ro.DataOpt,
-    preset: str | None = ro.PresetOpt,
-    tokenizer: str | None = ro.TokenizerOpt,
-    name: str | None = ro.NameOpt,
-    output_dir: str | None = ro.OutputDirOpt,
-    max_steps: int | None = ro.MaxStepsOpt,
-    batch_size: int | None = ro.BatchSizeOpt,
-    lr: float | None = ro.LrOpt,
-    seq_len: int | None = ro.SeqLenOpt,
+    flags: dict[str, Any] = ro.GIVEN_FLAGS,
     fmt: str = typer.Option("table", "--format", help="table, yaml or json"),
     sft: bool = typer.Option(
         False, "--sft", help="Resolve as `train sft` does, over its own defaults."
     ),
 ) -> None:
-    """Print the resolved recipe: defaults < file < environment < flags < --set."""
-    flags = dict(
-        data=data, preset=preset, tokenizer=tokenizer, name=name, output_dir=output_dir,
-        max_steps=max_steps, batch_size=batch_size, lr=lr, seq_len=seq_len,
-    )
+    """Print the resolved recipe: defaults < file < environment < flags < --set.
+
+    It takes the recipe flags of `train`, so it shows what `train` would resolve from the same
+    command line (with --sft: what `train sft` would)."""
     if sft:
         from largeforge.errors import LargeForgeError
         from largeforge.training.sft import resolve_sft_recipe
@@ -43,10 +36,10 @@ def show(
         if strategy or strategy_file:
             raise LargeForgeError("--sft takes --config, not --strategy")
         resolved = resolve_sft_recipe(
-            config, flags=ro.dotted_flags(**flags), overrides=overrides or [], require=False
+            config, flags=flags, overrides=overrides or [], require=False
         )
     else:
-        resolved = ro.resolve(config, strategy, strategy_file, overrides, **flags)
+        resolved = ro.resolve(config, strategy, strategy_file, overrides, flags)
     if fmt == "yaml":
         print(resolved.recipe.to_yaml(), end="")
         return

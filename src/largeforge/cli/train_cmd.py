@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -17,6 +17,21 @@ NprocOpt = typer.Option(
     None, "--nproc", metavar="N",
     help="Train on N processes of this machine: launches torchrun with this same command "
     "(train.distributed auto = DDP; --set train.distributed=fsdp shards the model).",
+)
+
+
+PREFERENCE_COMMANDS = ("dpo", "orpo", "simpo")  # `train NAME`: train.objective NAME
+# The recipe flags of `train sft` (and `train dpo`/`orpo`/`simpo`, the same command) and of
+# `train distill`, in `--help` order; what each sets, and its help, is `ro.RECIPE_FLAGS`.
+SFT_FLAGS = (
+    "model", "dataset", "num_epochs", "method", "eval_dataset", "format", "chat_template",
+    "lora_r", "lora_alpha", "lora_dropout", "target_modules", "dora", "max_steps", "batch_size",
+    "grad_accum", "lr", "seq_len", "eval_every", "early_stopping_patience",
+    "gradient_checkpointing", "precision", "beta",
+)
+DISTILL_FLAGS = (
+    "teacher", "dataset", "temperature", "alpha", "method", "max_steps", "num_epochs",
+    "batch_size", "lr", "seq_len", "precision",
 )
 
 
@@ -63,21 +78,14 @@ def command_args(
     return args
 
 
+@ro.recipe_flags(*ro.TRAIN_FLAGS)
 def train_command(
     ctx: typer.Context,
     config: Path | None = ro.ConfigOpt,
     strategy: str | None = ro.StrategyOpt,
     strategy_file: Path | None = ro.StrategyFileOpt,
     overrides: list[str] | None = ro.SetOpt,
-    data: list[str] | None = ro.DataOpt,
-    preset: str | None = ro.PresetOpt,
-    tokenizer: str | None = ro.TokenizerOpt,
-    name: str | None = ro.NameOpt,
-    output_dir: str | None = ro.OutputDirOpt,
-    max_steps: int | None = ro.MaxStepsOpt,
-    batch_size: int | None = ro.BatchSizeOpt,
-    lr: float | None = ro.LrOpt,
-    seq_len: int | None = ro.SeqLenOpt,
+    flags: dict[str, Any] = ro.GIVEN_FLAGS,
     resume: str | None = ro.ResumeOpt,
     overwrite: bool = ro.OverwriteRunOpt,
     verify_only: bool = typer.Option(
@@ -96,11 +104,7 @@ def train_command(
         return
     if _launch_if_asked(ctx, nproc):
         return
-    resolved = ro.resolve(
-        config, strategy, strategy_file, overrides, data=data, preset=preset,
-        tokenizer=tokenizer, name=name, output_dir=output_dir, max_steps=max_steps,
-        batch_size=batch_size, lr=lr, seq_len=seq_len,
-    )
+    resolved = ro.resolve(config, strategy, strategy_file, overrides, flags)
     from largeforge.training.loop import train
 
     console = Console()
@@ -111,53 +115,12 @@ def train_command(
         print_summary(result, console)
 
 
+@ro.recipe_flags(*SFT_FLAGS)
 def sft_command(
     ctx: typer.Context,
-    model: str | None = typer.Option(
-        None, "--model", "-m", help="Model to fine-tune: a model directory, a run or a hub id."
-    ),
-    dataset: list[str] | None = typer.Option(
-        None, "--dataset", "-d", help="Alpaca, sharegpt or messages records (repeatable)."
-    ),
+    flags: dict[str, Any] = ro.GIVEN_FLAGS,
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Run directory to write (default runs/sft)."
-    ),
-    num_epochs: float | None = typer.Option(
-        None, "--num-epochs", help="Passes over the data (default 3, unless --max-steps)."
-    ),
-    method: str | None = typer.Option(None, "--method", help="full, lora (default) or qlora."),
-    eval_dataset: list[str] | None = typer.Option(
-        None, "--eval-dataset", help="Evaluation records (default: 10% of --dataset held out)."
-    ),
-    data_format: str | None = typer.Option(
-        None, "--format", help="auto, alpaca, sharegpt or messages."
-    ),
-    chat_template: str | None = typer.Option(
-        None, "--chat-template", help="Built-in template name or a Jinja file."
-    ),
-    lora_r: int | None = typer.Option(None, "--lora-r", help="LoRA rank (default 8)."),
-    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (16)."),
-    lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="LoRA dropout."),
-    target_modules: str | None = typer.Option(
-        None, "--target-modules", help="Comma-separated module names, or all-linear (default)."
-    ),
-    use_dora: bool | None = typer.Option(None, "--dora/--no-dora", help="Use DoRA."),
-    max_steps: int | None = ro.MaxStepsOpt,
-    batch_size: int | None = ro.BatchSizeOpt,
-    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Gradient accumulation."),
-    lr: float | None = ro.LrOpt,
-    seq_len: int | None = ro.SeqLenOpt,
-    eval_every: int | None = typer.Option(None, "--eval-every", help="Evaluate every N steps."),
-    patience: int | None = typer.Option(
-        None, "--early-stopping-patience", help="Stop after N evaluations without improvement."
-    ),
-    gradient_checkpointing: bool | None = typer.Option(
-        None, "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute activations in the backward pass to save memory.",
-    ),
-    precision: str | None = ro.PrecisionOpt,
-    beta: float | None = typer.Option(
-        None, "--beta", help="dpo: KL strength (0.1); orpo: odds-ratio weight (0.1)."
     ),
     config: Path | None = ro.ConfigOpt,
     overrides: list[str] | None = ro.SetOpt,
@@ -177,31 +140,14 @@ def sft_command(
     from largeforge.errors import LargeForgeError
     from largeforge.training.sft import resolve_sft_recipe
 
-    objective = {"dpo": "dpo", "orpo": "orpo"}.get(ctx.info_name or "", "lm")
-    if beta is not None and objective == "lm":
-        raise LargeForgeError("--beta is for `train dpo` and `train orpo`")
-
-    targets = (
-        [t.strip() for t in target_modules.split(",") if t.strip()] if target_modules else None
-    )
-    flags = {
-        "model.from_pretrained": model, "data.train": dataset or None,
-        "data.eval": eval_dataset or None, "data.format": data_format,
-        "data.chat_template": chat_template, "train.num_epochs": num_epochs,
-        "train.method": method, "lora.r": lora_r, "lora.alpha": lora_alpha,
-        "lora.dropout": lora_dropout, "lora.target_modules": targets, "lora.use_dora": use_dora,
-        "train.max_steps": max_steps, "train.batch_size": batch_size,
-        "train.grad_accum": grad_accum, "train.lr": lr, "data.seq_len": seq_len,
-        "train.eval_every": eval_every, "train.early_stopping_patience": patience,
-        "train.gradient_checkpointing": gradient_checkpointing, "train.precision": precision,
-        "train.objective": objective if objective != "lm" else None, "preference.beta": beta,
-    }
+    objective = ctx.info_name if ctx.info_name in PREFERENCE_COMMANDS else "lm"
+    if "preference.beta" in flags and objective == "lm":
+        raise LargeForgeError("--beta is for `train dpo`, `train orpo` and `train simpo`")
+    if objective != "lm":
+        flags = {**flags, "train.objective": objective}
     if output is None and config is None:
         output = Path("runs") / (ctx.info_name or "sft")
-    resolved = resolve_sft_recipe(
-        config, flags={k: v for k, v in flags.items() if v is not None},
-        overrides=overrides or [], output=output,
-    )
+    resolved = resolve_sft_recipe(config, flags=flags, overrides=overrides or [], output=output)
     from largeforge.training.loop import train
 
     console = Console()
@@ -220,27 +166,14 @@ def sft_command(
             )
 
 
+@ro.recipe_flags(*DISTILL_FLAGS, required={"teacher"})
 def distill_command(
-    teacher: str = typer.Option(..., "--teacher", help="The teacher: model dir, run or hub id."),
+    flags: dict[str, Any] = ro.GIVEN_FLAGS,
     student: str = typer.Option(
         ..., "--student", help="The student: a model dir, run or hub id, or a preset name "
         "(tiny, small, medium, base) built with the teacher's tokenizer."
     ),
-    dataset: list[str] | None = typer.Option(
-        None, "--dataset", "-d", help="Text or instruction data (repeatable)."
-    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Run directory to write."),
-    temperature: float | None = typer.Option(None, "--temperature", help="Softening T (1.0)."),
-    alpha: float | None = typer.Option(
-        None, "--alpha", help="Weight of the KL term (0.5); 1 - alpha weighs cross-entropy."
-    ),
-    method: str | None = typer.Option(None, "--method", help="full (default) or lora."),
-    max_steps: int | None = ro.MaxStepsOpt,
-    num_epochs: float | None = typer.Option(None, "--num-epochs", help="Passes over the data."),
-    batch_size: int | None = ro.BatchSizeOpt,
-    lr: float | None = ro.LrOpt,
-    seq_len: int | None = ro.SeqLenOpt,
-    precision: str | None = ro.PrecisionOpt,
     config: Path | None = ro.ConfigOpt,
     overrides: list[str] | None = ro.SetOpt,
     resume: str | None = ro.ResumeOpt,
@@ -253,19 +186,16 @@ def distill_command(
     from largeforge.runs import resolve_model_dir
 
     if student in PRESETS:
+        teacher = flags["distill.teacher"]
         model_keys = {"model.preset": student, "tokenizer.path": resolve_model_dir(teacher)}
     else:
         model_keys = {"model.from_pretrained": student}
     out = output or Path("runs") / "distill"
     flags = {
-        **model_keys, "train.objective": "distill", "distill.teacher": teacher,
-        "distill.temperature": temperature, "distill.alpha": alpha, "data.train": dataset,
-        "train.method": method, "train.max_steps": max_steps, "train.num_epochs": num_epochs,
-        "train.batch_size": batch_size, "train.lr": lr, "data.seq_len": seq_len,
-        "train.precision": precision, "output.dir": str(out.parent), "output.name": out.name,
+        **model_keys, "train.objective": "distill", **flags,
+        "output.dir": str(out.parent), "output.name": out.name,
     }
-    resolved = load_recipe(config, flags={k: v for k, v in flags.items() if v is not None},
-                           overrides=overrides or [])
+    resolved = load_recipe(config, flags=flags, overrides=overrides or [])
     from largeforge.training.loop import train
 
     console = Console()
@@ -286,16 +216,19 @@ def print_summary(result: TrainResult, console: Console) -> None:
     console.print(f"model: {result.final_dir}")
 
 
+@ro.recipe_flags("output_dir")
 def quickstart_command(
     overrides: list[str] | None = ro.SetOpt,
-    output_dir: str | None = ro.OutputDirOpt,
+    flags: dict[str, Any] = ro.GIVEN_FLAGS,
 ) -> None:
     """Train a ~1M-parameter model on Python's own docs (no download), then sample from it."""
     from largeforge.quickstart import run_quickstart
 
     console = Console()
     console.rule("LargeForge quickstart: a tiny Llama trained on Python's documentation")
-    result, samples = run_quickstart(overrides, output_dir=output_dir, console=console)
+    result, samples = run_quickstart(
+        overrides, output_dir=flags.get("output.dir"), console=console
+    )
     print_summary(result, console)
     console.rule("samples")
     for sample in samples:
@@ -322,6 +255,11 @@ def register(app: typer.Typer) -> None:
     train_app.command(
         "orpo", help="ORPO: the SFT loss on the chosen completions plus --beta times the "
         "odds-ratio loss; no reference model. Takes every `train sft` option.",
+    )(sft_command)
+    train_app.command(
+        "simpo", help="SimPO: the length-normalised log-likelihood margin of chosen over "
+        "rejected, times --beta, must beat --set preference.simpo_gamma=... (default 0.5); no "
+        "reference model. Takes every `train sft` option.",
     )(sft_command)
     train_app.command("distill")(distill_command)
     app.add_typer(train_app, name="train")

@@ -20,6 +20,7 @@ from typing import Any
 
 from largeforge.data.sources import TEXT_SUFFIXES as TEXT_FILE_SUFFIXES
 from largeforge.errors import LargeForgeError
+from largeforge.text_files import json_lines
 
 RECORD_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 DOC_SEPARATOR = "<|endoftext|>"
@@ -159,26 +160,14 @@ def _parse_text(path: str, text: str, text_field: str) -> RawFile:
 
 
 def _parse_jsonl(path: str, text: str, text_field: str) -> RawFile:
+    """Every line a record; a line that is not a JSON object is kept with its error (the shared
+    `json_lines` reader words it), so `data validate` reports it with the others."""
     out = RawFile(path, "jsonl")
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            truncated = "Unterminated" in error.msg or "Expecting" in error.msg
-            hint = " (a truncated line?)" if truncated else ""
-            out.records.append(
-                RawRecord(where, None, f"invalid JSON: {error.msg} at column {error.colno}{hint}")
-            )
-            continue
-        if not isinstance(record, dict):
-            out.records.append(
-                RawRecord(where, None, f"expected a JSON object, got {type(record).__name__}")
-            )
-            continue
-        out.records.append(RawRecord(where, record))
+    for line in json_lines(text, path):
+        if line.error is not None:
+            out.records.append(RawRecord(line.where, None, line.error))
+        else:
+            out.records.append(_json_record(line.where, line.value))
     return out
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from largeforge.atomic_files import write_atomic_text
 from largeforge.errors import LargeForgeError
 from largeforge.inference.sampling import SamplingParams
+from largeforge.text_files import json_lines, read_json_lines
 
 
 @dataclass
@@ -58,34 +59,27 @@ def id_key(value: Any) -> str:
 
 
 def read_infer_records(path: str | Path) -> list[InferRecord]:
-    """The records of a JSONL prompts file; any bad line is an error that names it."""
-    source = Path(path)
-    if not source.is_file():
-        raise LargeForgeError(f"input file {source} not found")
-    try:
-        text = source.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LargeForgeError(f"{source} is not UTF-8 text (expected JSONL)") from None
+    """The records of a JSONL prompts file; any bad line is an error that names it.
+
+    Lines come from the shared `json_lines` reader (so a string holding U+2028 does not split a
+    record, as `str.splitlines` would); unlike `data validate`, the first bad line stops the read,
+    since a prompt left out would leave a silent gap in the output."""
     records: list[InferRecord] = []
     first_line: dict[str, int] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{source}:{number}"
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LargeForgeError(f"{where} is not valid JSON ({exc.msg})") from None
-        record = _record(data, number, where)
+    for line in read_json_lines(path, "input file"):
+        if line.error is not None:
+            detail = line.error.removeprefix("invalid JSON: ")
+            raise LargeForgeError(f"{line.where} is not valid JSON ({detail})")
+        record = _record(line.value, line.number, line.where)
         if record.key in first_line:
             raise LargeForgeError(
-                f"{where}: id {record.key} is used already on line {first_line[record.key]} "
+                f"{line.where}: id {record.key} is used already on line {first_line[record.key]} "
                 "(a record without an id takes its line number)"
             )
-        first_line[record.key] = number
+        first_line[record.key] = line.number
         records.append(record)
     if not records:
-        raise LargeForgeError(f"{source} holds no records")
+        raise LargeForgeError(f"{path} holds no records")
     return records
 
 
@@ -136,18 +130,20 @@ def read_finished(output: Path) -> tuple[list[str], set[str], int]:
         return [], set(), 0
     data = output.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    lines = complete.decode("utf-8", errors="replace").splitlines()
+    text = complete.decode("utf-8", errors="replace")
+    raw_lines = text.split("\n")
+    lines: list[str] = []
     keys: set[str] = set()
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            keys.add(id_key(record["id"]))
-            record["output"]  # noqa: B018 - a record this command wrote has one
-        except (json.JSONDecodeError, KeyError, TypeError):
+    for line in json_lines(text, output):
+        value = line.value
+        if line.error is not None or not (
+            isinstance(value, dict) and "id" in value and "output" in value
+        ):
             raise LargeForgeError(
-                f"{output}:{number} is not a record `largeforge infer` wrote; "
-                "choose another --output"
-            ) from None
+                f"{line.where} is not a record `largeforge infer` wrote; choose another --output"
+            )
+        keys.add(id_key(value["id"]))
+        lines.append(raw_lines[line.number - 1])
     return lines, keys, len(complete)
 
 
@@ -218,7 +214,8 @@ def run_infer(
     on_record: Callable[[InferReport], None] | None = None,
 ) -> InferReport:
     """Generate an output for every record not yet in `output`, `batch_size` at once."""
-    from largeforge.inference.engine import ContinuousBatchingEngine, GenerationRequest
+    from largeforge.inference.engine import ContinuousBatchingEngine
+    from largeforge.inference.requests import GenerationRequest
 
     if batch_size < 1:
         raise LargeForgeError(f"--batch-size must be at least 1, got {batch_size}")
