@@ -52,22 +52,12 @@ def compare_command(
     side and the loss curves of run directories, as one offline HTML page."""
     from rich.markup import escape
 
-    from largeforge.errors import LargeForgeError
-    from largeforge.evaluation.compare import (
-        compare_labels,
-        compare_models,
-        compare_results,
-        summary_dict,
-        write_compare_report,
-    )
-    from largeforge.evaluation.report import check_output_file
+    from largeforge.evaluation.compare import compare, compare_labels
     from largeforge.runs import is_run_dir
+    from largeforge.runs.report import check_output_file
 
     all_models = [*models, *(more_models or [])]
-    metric_names = [m.strip() for value in metrics for m in value.split(",") if m.strip()]
-    check_output_file(output)
-    if json_output is not None and json_output.is_dir():
-        raise LargeForgeError(f"--json {json_output} is a directory; name a .json file")
+    check_output_file(output)  # before anything else; `compare` checks both outputs again
 
     err = Console(stderr=True, highlight=False)
     labels = compare_labels(len(all_models))
@@ -75,29 +65,25 @@ def compare_command(
     def on_model(index: int, model: str) -> None:
         err.print(f"evaluating {labels[index]} ({index + 1}/{len(all_models)}): {escape(model)}")
 
-    results = compare_models(all_models, data, metric_names, max_examples=max_examples,
-                             max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             device=device, chat_template=chat_template, on_model=on_model)
-    run_dirs = {r.model: Path(ref) for ref, r in zip(all_models, results, strict=True)
-                if is_run_dir(Path(ref))}
-    report = write_compare_report(results, output, run_dirs=run_dirs, title=title)
-    if json_output is not None:
-        _write_json(json_output, summary_dict(results))
+    run_dirs = {ref: Path(ref) for ref in all_models if is_run_dir(Path(ref))}
+    outcome = compare(all_models, data, output, metrics=metrics, max_examples=max_examples,
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
+                      chat_template=chat_template, json_output=json_output, title=title,
+                      run_dirs=run_dirs, on_model=on_model)
     console = Console(highlight=False)
-    comparison = compare_results(results)
-    console.print(_table(results, comparison))
-    for label, result in zip(comparison.labels, results, strict=True):
+    console.print(_table(outcome.results, outcome.comparison))
+    for label, result in zip(outcome.comparison.labels, outcome.results, strict=True):
         console.print(f"{label}: {escape(result.model)}", soft_wrap=True)
-    console.print(f"report: {report}", soft_wrap=True)
-    if json_output is not None:
-        console.print(f"results: {json_output}", soft_wrap=True)
+    console.print(f"report: {outcome.report}", soft_wrap=True)
+    if outcome.json is not None:
+        console.print(f"results: {outcome.json}", soft_wrap=True)
 
 
 def _table(results: list[Any], comparison: Comparison) -> Any:
     """Metrics per model (A, B, ... named below the table), the best marked with `*`."""
     from rich.table import Table
 
-    from largeforge.evaluation.report import fmt
+    from largeforge.runs.report import fmt
 
     table = Table(title="* best (ties: all marked)", title_justify="left")
     table.add_column("")
@@ -111,29 +97,6 @@ def _table(results: list[Any], comparison: Comparison) -> Any:
             cells.append(f"[bold]{text} *[/]" if comparison.is_best(name, index) else text)
         table.add_row(label, *cells)
     return table
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    import json
-
-    from largeforge.training.checkpoint import write_atomic_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(data), indent=2, ensure_ascii=False, allow_nan=False)
-    write_atomic_text(path, text + "\n")
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities (a metric with no defined value) become null: JSON has no NaN."""
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def register(app: typer.Typer) -> None:

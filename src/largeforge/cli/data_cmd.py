@@ -1,4 +1,6 @@
-"""`largeforge data validate|prepare|split|stats`: check, clean, split and describe data."""
+"""`largeforge data validate|prepare|split|stats|synth`: check, clean, split, describe and
+synthesise data. Thin over `largeforge.data` (`DatasetValidator`, `prepare_dataset`,
+`split_dataset`, `compute_stats`, `SyntheticDataGenerator`); this module prints."""
 
 from __future__ import annotations
 
@@ -48,11 +50,11 @@ def validate_command(
 ) -> None:
     """Report every problem with file:line and a count per kind; exit 1 when any record is
     invalid. --output writes the valid records (as in the input, one JSON object a line)."""
-    from largeforge.data.validate import validate_records, write_clean
+    from largeforge.data.validate import DatasetValidator
 
-    report = validate_records(
-        file, format, text_field=text_field, tokenizer=tokenizer, max_length=max_length
-    )
+    validator = DatasetValidator(format, text_field=text_field, tokenizer=tokenizer,
+                                 max_length=max_length)
+    report = validator.validate(file)
     for problem in report.problems:
         typer.echo(str(problem))
     console = Console(highlight=False)
@@ -69,7 +71,7 @@ def validate_command(
         f"{report.invalid:,} invalid"
     )
     if output is not None:
-        written = write_clean(report, output)
+        written = report.write_clean(output)
         reasons = ", ".join(f"{n:,} {kind}" for kind, n in report.dropped.most_common())
         console.print(
             f"wrote {written:,} valid records to {output}; dropped {report.invalid:,}"
@@ -77,13 +79,6 @@ def validate_command(
         )
     if not report.ok:
         raise typer.Exit(1)
-
-
-def _records(inputs: list[str], format: str | None, text_field: str) -> tuple[str, list[dict]]:
-    from largeforge.data.formats import load_records
-
-    loaded = load_records(inputs, format, text_field=text_field)
-    return loaded.format, [dict(record) for record in loaded.dataset]
 
 
 @data_app.command("prepare")
@@ -108,23 +103,16 @@ def prepare_command(
 ) -> None:
     """Normalise, strip control characters, remove exact and near duplicates, filter by
     quality and split train/eval; writes train.jsonl, eval.jsonl and report.json."""
-    from largeforge.data.cleaning import QualityRules, prepare_records
-    from largeforge.data.prepared import write_prepared
-    from largeforge.errors import LargeForgeError
+    from largeforge.data.prepared import prepare_dataset
 
-    if normal_form not in ("NFC", "NFKC", "NFD", "NFKD"):
-        raise LargeForgeError(f"--normal-form must be NFC, NFKC, NFD or NFKD, not {normal_form}")
-    if not 0 <= eval_percent < 100:
-        raise LargeForgeError(f"--eval-percent must be in [0, 100), not {eval_percent}")
-    kind, records = _records(inputs, format, text_field)
-    rules = QualityRules(min_chars=min_chars, max_chars=max_chars, min_alpha_ratio=min_alpha_ratio)
-    train, evaluation, report = prepare_records(
-        records, rules=rules, near_dedup_threshold=near_dedup or None,
-        eval_percent=eval_percent, normal_form=normal_form,
+    prepared = prepare_dataset(
+        inputs, output, format=format, text_field=text_field, eval_percent=eval_percent,
+        near_dedup=near_dedup, min_chars=min_chars, max_chars=max_chars,
+        min_alpha_ratio=min_alpha_ratio, normal_form=normal_form, overwrite=overwrite,
     )
-    summary = {"inputs": inputs, "format": kind, **report.as_dict()}
-    write_prepared(output, train, evaluation, summary, overwrite=overwrite)
-    table = Table(title=f"data prepare: {kind}")
+    report = prepared.report
+    assert report is not None
+    table = Table(title=f"data prepare: {prepared.format}")
     table.add_column("step")
     table.add_column("records", justify="right")
     table.add_row("read", f"{report.records_in:,}")
@@ -150,17 +138,13 @@ def split_command(
 ) -> None:
     """Split into train.jsonl and eval.jsonl by a stable hash: adding records later never
     moves old ones between the splits."""
-    from largeforge.data.prepared import split_records, write_prepared
+    from largeforge.data.prepared import split_dataset
 
-    kind, records = _records(inputs, format, text_field)
-    train, evaluation = split_records(records, eval_percent)
-    write_prepared(output, train, evaluation, {
-        "inputs": inputs, "format": kind, "eval_percent": eval_percent,
-        "train": len(train), "eval": len(evaluation),
-    }, overwrite=overwrite)
+    split = split_dataset(inputs, output, format=format, text_field=text_field,
+                          eval_percent=eval_percent, overwrite=overwrite)
     Console(highlight=False).print(
-        f"{len(records):,} {kind} records: {len(train):,} train, {len(evaluation):,} eval "
-        f"-> {output}"
+        f"{split.records_in:,} {split.format} records: {len(split.train):,} train, "
+        f"{len(split.eval):,} eval -> {output}"
     )
 
 
@@ -178,10 +162,11 @@ def stats_command(
 ) -> None:
     """Histograms of lengths per field and turns per conversation, duplicates, field coverage,
     role counts and examples, as an HTML page; a summary table in the terminal."""
+    from largeforge.data.prepared import load_dataset_records
     from largeforge.data.stats import compute_stats, write_html_report
     from largeforge.tokenizer import load_tokenizer
 
-    kind, records = _records(inputs, format, text_field)
+    kind, records = load_dataset_records(inputs, format, text_field=text_field)
     tok = load_tokenizer(tokenizer) if tokenizer else None
     stats = compute_stats(
         ({k: v for k, v in r.items() if k != "source"} for r in records), tok
@@ -218,16 +203,16 @@ def synth_command(
     seed: int | None = typer.Option(None, "--seed"),
 ) -> None:
     """Generate SFT data from a teacher; re-running skips the prompts already answered."""
-    from largeforge.data.synth import SynthSettings, make_teacher, read_prompts, synthesize
+    from largeforge.data.synth import SyntheticDataGenerator
 
     console = Console(highlight=False)
-    asked = read_prompts(prompts)
-    settings = SynthSettings(teacher=teacher, model=model, temperature=temperature,
-                             max_tokens=max_tokens, system=system, seed=seed)
-    report = synthesize(
-        asked, make_teacher(teacher, api_key=api_key, model=model, max_retries=retries),
-        output, fmt=fmt, settings=settings, concurrency=concurrency,
-        on_record=lambda done, total: console.print(f"{done}/{total}", end="\r"),
+    generator = SyntheticDataGenerator(
+        teacher, format=fmt, model=model, api_key=api_key, retries=retries,
+        temperature=temperature, max_tokens=max_tokens, system=system, seed=seed,
+        concurrency=concurrency,
+    )
+    report = generator.generate(
+        prompts, output, on_record=lambda done, total: console.print(f"{done}/{total}", end="\r"),
     )
     console.print(
         f"{report.written} written, {report.skipped} already there, {len(report.failed)} failed "

@@ -1,24 +1,19 @@
 """`largeforge eval`: perplexity, generation metrics and lm-eval harness tasks of a model.
 
+Thin over `largeforge.evaluate` (`largeforge.evaluation.evaluate.evaluate`), which checks,
+runs and writes; this module prints.
+
 The metrics table goes to stdout; loading messages go to stderr. Every input is checked before
 the model is loaded, and results.json is written only once everything has run.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
-
-from largeforge.errors import LargeForgeError
-
-
-def _split_list(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
 def _format(value: float) -> str:
@@ -48,16 +43,6 @@ def metrics_table(
             shown = _format(float(value)) if isinstance(value, (int, float)) else str(value)
             table.add_row(f"{task} {name}", shown, "")
     return table
-
-
-def _run_tasks(
-    model: str, tasks: list[str], include_path: Path | None, limit: int | None,
-    num_fewshot: int | None, batch_size: int, device: str,
-) -> dict[str, dict[str, float]]:
-    from largeforge.evaluation.harness import run_harness
-
-    return run_harness(model, tasks, include_path=include_path, limit=limit,
-                       num_fewshot=num_fewshot, batch_size=batch_size, device=device)
 
 
 def eval_command(
@@ -107,76 +92,21 @@ def eval_command(
 ) -> None:
     """Evaluate a model: perplexity and generation metrics on a data file, and/or lm-eval
     harness tasks. Prints a table; --output writes results.json."""
-    from largeforge.evaluation.evaluate import (
-        check_eval_inputs,
-        check_output_path,
-        evaluate_model,
-        notes,
-        parse_metrics,
-        results_document,
-        write_results,
-    )
-    from largeforge.runs import resolve_model_dir
-
-    task_list = _split_list(tasks)
-    if data is None and not task_list:
-        raise LargeForgeError("give --data FILE, --tasks a,b, or both")
-    metric_list = parse_metrics(metrics) if data is not None else []
-    if output is not None:
-        check_output_path(output)
-    if include_path is not None and not include_path.is_dir():
-        raise LargeForgeError(f"--include-path {include_path} is not a directory")
-    if (include_path or limit is not None or num_fewshot is not None) and not task_list:
-        raise LargeForgeError("--include-path, --limit and --num-fewshot go with --tasks")
-    for name, value, least in (("--limit", limit, 1), ("--num-fewshot", num_fewshot, 0),
-                               ("--batch-size", batch_size, 1),
-                               ("--max-new-tokens", max_new_tokens, 1)):
-        if value is not None and value < least:
-            raise LargeForgeError(f"{name} must be >= {least}, got {value}")
-    if not temperature >= 0:
-        raise LargeForgeError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
-    resolve_model_dir(model)  # a missing model fails before anything is read or loaded
-
-    if data is not None:  # the data is read and checked before any long work starts
-        check_eval_inputs(data, metric_list, max_examples=max_examples, batch_size=batch_size,
-                          device=device, chat_template=chat_template)
+    from largeforge.evaluation.evaluate import evaluate
 
     err = Console(stderr=True, highlight=False)
     out = Console(highlight=False)
-    task_results = None
-    if task_list:
-        err.print(f"running harness tasks {', '.join(task_list)} ...")
-        task_results = _run_tasks(model, task_list, include_path, limit, num_fewshot,
-                                  batch_size, device)
-    result = None
-    if data is not None:
-        start = time.perf_counter()
-        result = evaluate_model(
-            model, data, metric_list, max_examples=max_examples, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, temperature=temperature, device=device, seed=seed,
-            chat_template=chat_template,
-        )
-        err.print(f"evaluated {model} on {data} in {time.perf_counter() - start:.1f} s")
-        for note in notes(result):
-            err.print(f"note: {note}")
-
+    evaluation = evaluate(
+        model, data, metrics, tasks=tasks, include_path=include_path, limit=limit,
+        num_fewshot=num_fewshot, max_examples=max_examples, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, temperature=temperature, seed=seed, chat_template=chat_template,
+        device=device, output=output, on_status=err.print,
+    )
+    for note in evaluation.notes():
+        err.print(f"note: {note}")
     out.print(f"{model}" + (f" on {data}" if data else ""), soft_wrap=True)
-    out.print(metrics_table(
-        result.num_examples if result is not None else None,
-        result.metrics if result is not None else {},
-        task_results,
-    ))
+    out.print(metrics_table(evaluation.num_examples, evaluation.metrics, evaluation.tasks))
     if output is not None:
-        settings: dict[str, Any] = {
-            "metrics": metric_list, "max_examples": max_examples,
-            "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-            "temperature": temperature, "seed": seed, "chat_template": chat_template,
-            "device": device, "tasks": task_list, "include_path":
-            str(include_path) if include_path else None, "limit": limit,
-            "num_fewshot": num_fewshot,
-        }
-        write_results(output, results_document(result, model=model, data=data,
-                                               settings=settings, tasks=task_results))
         err.print(f"results written to {output}")
 
 

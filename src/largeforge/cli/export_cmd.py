@@ -1,76 +1,20 @@
 """`largeforge export` (hf, gguf, ollama, onnx, torchscript) and `largeforge quantize`.
 
-Thin: check the flags that do not need the model, then call `largeforge.export.*`. A LoRA
+Thin: `largeforge.export.dispatch.plan_export` checks the flags that do not need the model,
+its `run()` calls the format's `largeforge.export.*` function; this module prints. A LoRA
 adapter or LoRA run is merged into its base before any format is written.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from largeforge.errors import LargeForgeError
-
+# Literal here so `largeforge --help` imports nothing: largeforge.export.dispatch.FORMATS.
 FORMATS = ("hf", "gguf", "ollama", "onnx", "torchscript")
-# ollama: Q8_0 (half the size of f16; perplexity within 0.1% of F32 in tests/test_export_gguf);
-# a plain GGUF keeps f16.
-DEFAULT_DTYPES = {"hf": "float32", "onnx": "float32", "torchscript": "float32",
-                  "gguf": "f16", "ollama": "q8_0"}
-
-
-def valid_dtypes(fmt: str) -> tuple[str, ...]:
-    if fmt == "hf":
-        from largeforge.export.hf import HF_DTYPES
-
-        return tuple(HF_DTYPES)
-    if fmt == "onnx":
-        from largeforge.export.onnx_export import ONNX_DTYPES
-
-        return tuple(ONNX_DTYPES)
-    if fmt == "torchscript":
-        from largeforge.export.torchscript import TORCHSCRIPT_DTYPES
-
-        return tuple(TORCHSCRIPT_DTYPES)
-    from largeforge.export.gguf import DTYPES
-
-    return tuple(DTYPES)
-
-
-def _check_flags(fmt: str, dtype: str, max_shard_size: str | None, opset: int | None,
-                 no_kv_cache: bool, eval_text: Path | None = None) -> None:
-    """Every flag checked before anything is loaded, so a typo fails at once."""
-    if fmt not in FORMATS:
-        raise LargeForgeError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
-    dtypes = valid_dtypes(fmt)
-    if dtype not in dtypes:
-        raise LargeForgeError(
-            f"--dtype {dtype!r} is not valid for --format {fmt}; expected one of: "
-            f"{', '.join(dtypes)}"
-        )
-    only = {"--max-shard-size": ("hf", max_shard_size is not None),
-            "--opset": ("onnx", opset is not None),
-            "--no-kv-cache": ("onnx", no_kv_cache)}
-    for flag, (owner, given) in only.items():
-        if given and fmt != owner:
-            raise LargeForgeError(f"{flag} applies to --format {owner} only, not {fmt}")
-    if eval_text is not None:
-        if fmt not in ("gguf", "ollama"):
-            raise LargeForgeError(f"--eval-text applies to --format gguf and ollama, not {fmt}")
-        from largeforge.export.quantize import read_eval_text
-
-        read_eval_text(eval_text)
-    if max_shard_size is not None:
-        from largeforge.export.hf import parse_shard_size
-
-        parse_shard_size(max_shard_size)
-    if opset is not None:
-        from largeforge.export.onnx_export import check_opset
-
-        check_opset(opset)
 
 
 def export_command(
@@ -97,50 +41,19 @@ def export_command(
     ),
 ) -> None:
     """Export a model (a LoRA adapter is merged into its base first)."""
-    from largeforge.export.source import check_output
-    from largeforge.runs import resolve_model_dir
+    from largeforge.export.dispatch import plan_export
 
-    fmt = fmt.lower()
-    chosen = dtype or DEFAULT_DTYPES.get(fmt, "")
-    _check_flags(fmt, chosen, max_shard_size, opset, no_kv_cache, eval_text)
-    check_output(output, overwrite=overwrite, source=resolve_model_dir(model))
+    plan = plan_export(model, fmt, output, dtype=dtype, overwrite=overwrite,
+                       max_shard_size=max_shard_size, opset=opset, kv_cache=not no_kv_cache,
+                       eval_text=eval_text)
     err = Console(stderr=True, highlight=False)
-    err.print(f"exporting {model} as {fmt} ({chosen}) ...")
-    start = time.perf_counter()
-    if fmt == "hf":
-        from largeforge.export.hf import DEFAULT_SHARD_SIZE, export_hf
-
-        target = export_hf(model, output, dtype=chosen, overwrite=overwrite,
-                           max_shard_size=max_shard_size or DEFAULT_SHARD_SIZE)
-    elif fmt == "onnx":
-        from largeforge.export.onnx_export import export_onnx
-
-        target = export_onnx(model, output, dtype=chosen, opset=opset,
-                             kv_cache=not no_kv_cache, overwrite=overwrite)
-    elif fmt == "torchscript":
-        from largeforge.export.torchscript import export_torchscript
-
-        target = export_torchscript(model, output, dtype=chosen, overwrite=overwrite)
-    elif fmt == "gguf":
-        from largeforge.export.gguf import export_gguf
-
-        target = export_gguf(model, output, dtype=chosen, eval_text=_text(eval_text))
-    else:
-        from largeforge.export.ollama import export_ollama
-
-        target = export_ollama(model, output, dtype=chosen, overwrite=overwrite,
-                               eval_text=_text(eval_text))
+    err.print(f"exporting {model} as {plan.format} ({plan.dtype}) ...")
+    target = plan.run()
     out = Console(highlight=False)
-    out.print(f"exported {model} as {fmt} ({chosen}) -> {target} "
-              f"in {time.perf_counter() - start:.1f} s")
-    if fmt in ("gguf", "ollama"):
-        _print_quantization(out, Path(target))
-
-
-def _text(eval_text: Path | None) -> str | None:
-    from largeforge.export.quantize import read_eval_text
-
-    return None if eval_text is None else read_eval_text(eval_text)
+    out.print(f"exported {model} as {plan.format} ({plan.dtype}) -> {target} "
+              f"in {plan.seconds:.1f} s")
+    if plan.format in ("gguf", "ollama"):
+        _print_quantization(out, target)
 
 
 def _print_quantization(out: Console, target: Path) -> None:
@@ -173,8 +86,8 @@ def quantize_command(
     """Quantise the weights (bitsandbytes int8 or NF4 int4) into a model directory that
     transformers and `largeforge generate` load; report perplexity and size before and after."""
     from largeforge.export.quantize import REPORT_FILE, check_method, quantize, read_eval_text
-    from largeforge.export.source import check_output
     from largeforge.runs import resolve_model_dir
+    from largeforge.staging import check_output
 
     method = method.lower()
     check_method(method)

@@ -1,17 +1,19 @@
-"""Writing what `data prepare` and `data split` produce: `train.jsonl`, `eval.jsonl` and
-`report.json` in one directory, written to a temporary directory and renamed, so a failure
-leaves nothing half-written and an existing output is never replaced without `overwrite`."""
+"""`prepare_dataset` and `split_dataset` (`largeforge data prepare` and `data split`), and writing
+what they produce: `train.jsonl`, `eval.jsonl` and `report.json` in one directory, written to a
+temporary directory and renamed, so a failure leaves nothing half-written and an existing output
+is never replaced without `overwrite`."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from largeforge.data.cleaning import in_eval_split, record_text
+from largeforge.data.cleaning import PrepareReport, in_eval_split, record_text
 from largeforge.errors import LargeForgeError
 
 Record = dict[str, Any]
@@ -62,3 +64,90 @@ def write_prepared(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+
+
+def load_dataset_records(
+    inputs: str | Path | Sequence[str | Path], format: str | None = None, *,
+    text_field: str = "text",
+) -> tuple[str, list[Record]]:
+    """(format, records) of the input: files, directories, globs or saved datasets, read and
+    normalised as every `largeforge data` command reads them (`formats.load_records`)."""
+    from largeforge.data.formats import load_records
+
+    loaded = load_records(_input_list(inputs), format, text_field=text_field)
+    return loaded.format, [dict(record) for record in loaded.dataset]
+
+
+@dataclass
+class PreparedData:
+    """What `prepare_dataset` or `split_dataset` wrote to `output`."""
+
+    output: Path
+    format: str
+    train: list[Record]
+    eval: list[Record]
+    records_in: int
+    report: PrepareReport | None = None  # prepare_dataset: what each cleaning step removed
+    summary: dict[str, Any] = field(default_factory=dict)  # report.json as written
+
+
+def prepare_dataset(
+    inputs: str | Path | Sequence[str | Path],
+    output: str | Path,
+    *,
+    format: str | None = None,
+    text_field: str = "text",
+    eval_percent: float = 10.0,
+    near_dedup: float | None = 0.85,
+    min_chars: int = 1,
+    max_chars: int | None = None,
+    min_alpha_ratio: float = 0.5,
+    normal_form: str = "NFC",
+    overwrite: bool = False,
+) -> PreparedData:
+    """Clean and split a dataset as `largeforge data prepare` does: Unicode normalisation
+    (`normal_form`) and control characters stripped, exact and near duplicates removed (MinHash
+    Jaccard >= `near_dedup`; 0 or None is off), quality filters (`min_chars`, `max_chars`,
+    `min_alpha_ratio`), a stable train/eval split (`eval_percent`); writes train.jsonl,
+    eval.jsonl and report.json to `output`."""
+    from largeforge.data.cleaning import QualityRules, prepare_records
+
+    if normal_form not in NORMAL_FORMS:
+        raise LargeForgeError(f"--normal-form must be NFC, NFKC, NFD or NFKD, not {normal_form}")
+    if not 0 <= eval_percent < 100:
+        raise LargeForgeError(f"--eval-percent must be in [0, 100), not {eval_percent}")
+    kind, records = load_dataset_records(inputs, format, text_field=text_field)
+    rules = QualityRules(min_chars=min_chars, max_chars=max_chars, min_alpha_ratio=min_alpha_ratio)
+    train, evaluation, report = prepare_records(
+        records, rules=rules, near_dedup_threshold=near_dedup or None,
+        eval_percent=eval_percent, normal_form=normal_form,
+    )
+    summary = {"inputs": _input_list(inputs), "format": kind, **report.as_dict()}
+    target = write_prepared(output, train, evaluation, summary, overwrite=overwrite)
+    return PreparedData(target, kind, train, evaluation, len(records), report, summary)
+
+
+def split_dataset(
+    inputs: str | Path | Sequence[str | Path],
+    output: str | Path,
+    *,
+    format: str | None = None,
+    text_field: str = "text",
+    eval_percent: float = 10.0,
+    overwrite: bool = False,
+) -> PreparedData:
+    """Split a dataset into train.jsonl and eval.jsonl (and report.json) in `output` by a stable
+    hash, as `largeforge data split` does: adding records later never moves old ones."""
+    kind, records = load_dataset_records(inputs, format, text_field=text_field)
+    train, evaluation = split_records(records, eval_percent)
+    summary = {"inputs": _input_list(inputs), "format": kind, "eval_percent": eval_percent,
+               "train": len(train), "eval": len(evaluation)}
+    target = write_prepared(output, train, evaluation, summary, overwrite=overwrite)
+    return PreparedData(target, kind, train, evaluation, len(records), None, summary)
+
+
+def _input_list(inputs: str | Path | Sequence[str | Path]) -> list[str]:
+    return [str(inputs)] if isinstance(inputs, (str, Path)) else [str(i) for i in inputs]

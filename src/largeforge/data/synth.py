@@ -1,5 +1,6 @@
 """Synthetic SFT data from a teacher: an OpenAI-compatible endpoint (through the official `openai`
-client) or a local model, one prompt at a time, a bounded number at once.
+client) or a local model, one prompt at a time, a bounded number at once. `SyntheticDataGenerator`
+is the whole of `largeforge data synth` for Python callers; `synthesize` the loop under it.
 
 Resumable: each finished record is one JSONL line, written whole, flushed and fsync'ed, and names
 the prompt it answers by a hash; a re-run skips finished prompts, and a line cut short by a kill
@@ -218,3 +219,68 @@ def synthesize(
             if on_record:
                 on_record(report.skipped + report.written, report.prompts)
     return report
+
+
+Teacher = Callable[[list[dict[str, str]], SynthSettings], str]
+
+
+class SyntheticDataGenerator:
+    """Synthetic SFT data from a teacher, as `largeforge data synth` makes it:
+
+        gen = SyntheticDataGenerator("http://localhost:8000/v1", temperature=0.7)
+        report = gen.generate("prompts.txt", "synth.jsonl")   # or a list of prompts
+
+    - `teacher`: an OpenAI-compatible base URL (http://host:port/v1), a local model directory,
+      run or hub id, or a callable `(messages, settings) -> answer`.
+    - `format`: "messages" (default) or "alpaca" records.
+    - `model` (the name at the endpoint; default: the first it lists), `api_key`, `retries`
+      (per request, with backoff), `temperature`, `max_tokens`, `system` (a system prompt for
+      every ask), `seed`, `concurrency` (requests in flight at once).
+
+    Resumable: `generate` appends to its output and skips the prompts already answered there.
+    """
+
+    def __init__(
+        self,
+        teacher: str | Teacher,
+        *,
+        format: str = "messages",
+        model: str | None = None,
+        api_key: str | None = None,
+        retries: int = 3,
+        temperature: float = 0.7,
+        max_tokens: int = 256,
+        system: str | None = None,
+        seed: int | None = None,
+        concurrency: int = 4,
+    ) -> None:
+        self.teacher = teacher
+        self.format = format
+        self.api_key = api_key
+        self.retries = retries
+        self.concurrency = concurrency
+        name = teacher if isinstance(teacher, str) else getattr(
+            teacher, "__name__", type(teacher).__name__)
+        self.settings = SynthSettings(teacher=name, model=model, temperature=temperature,
+                                      max_tokens=max_tokens, system=system, seed=seed)
+
+    def generate(
+        self,
+        prompts: str | Path | list[str],
+        output: str | Path,
+        *,
+        on_record: Callable[[int, int], None] | None = None,
+    ) -> SynthReport:
+        """Answer every prompt (a list, or a .txt/JSON/JSONL file as `read_prompts` reads it) not
+        yet in `output`, appending one record a line. `on_record(done, total)` follows progress.
+        The prompts are read before the teacher is made (a local model is loaded)."""
+        asked = read_prompts(prompts) if isinstance(prompts, (str, Path)) else list(
+            dict.fromkeys(prompts))
+        if not asked:
+            raise LargeForgeError("no prompt given")
+        teacher = self.teacher
+        if isinstance(teacher, str):
+            teacher = make_teacher(teacher, api_key=self.api_key, model=self.settings.model,
+                                   max_retries=self.retries)
+        return synthesize(asked, teacher, output, fmt=self.format, settings=self.settings,
+                          concurrency=self.concurrency, on_record=on_record)

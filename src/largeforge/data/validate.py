@@ -15,7 +15,8 @@ Problems (the `kind` of each):
     duplicate        the same record as an earlier one, after normalising whitespace
 
 A record is valid when it has none. The input is only read; `write_clean` writes the valid
-records, as they were in the input, to a new JSONL file.
+records, as they were in the input, to a new JSONL file. `DatasetValidator` is the same check
+for Python callers, on files or on records held in memory.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from largeforge.data.formats import (
     detect_format,
     normalise_record,
 )
-from largeforge.data.readers import RawRecord, read_records
+from largeforge.data.readers import RawFile, RawRecord, read_records
 from largeforge.errors import LargeForgeError
 
 PROBLEM_KINDS = (
@@ -80,6 +81,15 @@ class ValidationReport:
         counter = Counter(p.kind for p in self.problems)
         return {kind: counter[kind] for kind in PROBLEM_KINDS if counter[kind]}
 
+    @property
+    def valid_records(self) -> list[dict[str, Any]]:
+        """The valid records as they were in the input."""
+        return [record.data for record in self.valid if record.data is not None]
+
+    def write_clean(self, output: str | os.PathLike[str]) -> int:
+        """Write the valid records to `output` (JSONL); see `write_clean`."""
+        return write_clean(self, output)
+
 
 def validate_records(
     paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -95,13 +105,31 @@ def validate_records(
 
     Input that cannot be read at all (a missing or binary file, a CSV without the format's
     columns, two formats in one input) raises `LargeForgeError`."""
+    _check_settings(format, tokenizer, max_length)
+    return validate_raw_files(read_records(paths, text_field=text_field), format,
+                              text_field=text_field, tokenizer=tokenizer, max_length=max_length)
+
+
+def _check_settings(format: str | None, tokenizer: Any, max_length: int | None) -> None:
     if (tokenizer is None) != (max_length is None):
         raise LargeForgeError("--tokenizer and --max-length go together: give both or neither")
     if max_length is not None and max_length < 1:
         raise LargeForgeError(f"--max-length must be at least 1, got {max_length}")
     if format is not None:
         check_format(format)
-    raw_files = read_records(paths, text_field=text_field)
+
+
+def validate_raw_files(
+    raw_files: list[RawFile],
+    format: str | None = None,
+    *,
+    text_field: str = "text",
+    tokenizer: Any = None,
+    max_length: int | None = None,
+) -> ValidationReport:
+    """`validate_records` on records already read (`readers.read_records`, or records held in
+    memory wrapped by `records_as_raw_file`)."""
+    _check_settings(format, tokenizer, max_length)
     fmt = format or detect_format(raw_files, text_field)
     for raw_file in raw_files:
         check_columns(raw_file, fmt, text_field)
@@ -307,3 +335,64 @@ def write_clean(report: ValidationReport, output: str | os.PathLike[str]) -> int
         Path(staging).unlink(missing_ok=True)
         raise
     return len(report.valid)
+
+
+IN_MEMORY = "<records>"
+
+
+def records_as_raw_file(records: Iterable[Any], name: str = IN_MEMORY) -> RawFile:
+    """Records held in memory (dicts; anything else is reported as `bad_json`) as one input
+    "file" named `name`, each record's source `name:N` (N counted from 1)."""
+    raw = RawFile(name, "json")
+    for number, record in enumerate(records, 1):
+        where = f"{name}:{number}"
+        if isinstance(record, Mapping):
+            raw.records.append(RawRecord(where, dict(record)))
+        else:
+            error = f"not a JSON object: {type(record).__name__}"
+            raw.records.append(RawRecord(where, None, error))
+    return raw
+
+
+class DatasetValidator:
+    """Check datasets as `largeforge data validate` does, for use from Python:
+
+        report = DatasetValidator(format="alpaca").validate(records)
+        report.ok, report.counts(), [str(p) for p in report.problems], report.valid_records
+
+    - `format`: text, alpaca, sharegpt, messages or preference (None: detected).
+    - `tokenizer` (a directory or a loaded tokenizer) and `max_length` go together: samples with
+      more tokens are `too_long`.
+    - `text_field`: the text field of text records.
+    """
+
+    def __init__(
+        self,
+        format: str | None = None,
+        *,
+        text_field: str = "text",
+        tokenizer: Any = None,
+        max_length: int | None = None,
+    ) -> None:
+        _check_settings(format, tokenizer, max_length)
+        self.format = format
+        self.text_field = text_field
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def validate(self, records: Any) -> ValidationReport:
+        """Check `records`: a list of dicts (or a `datasets.Dataset`), whose problems name
+        `<records>:N`; or a path, a glob or a list of them, read as the command reads files."""
+        if isinstance(records, (str, os.PathLike)) or (
+            isinstance(records, Sequence) and records
+            and all(isinstance(r, (str, os.PathLike)) for r in records)
+        ):
+            return validate_records(records, self.format, text_field=self.text_field,
+                                    tokenizer=self.tokenizer, max_length=self.max_length)
+        if hasattr(records, "to_list"):  # datasets.Dataset
+            records = records.to_list()
+        if isinstance(records, Mapping):
+            records = [records]
+        return validate_raw_files([records_as_raw_file(records)], self.format,
+                                  text_field=self.text_field, tokenizer=self.tokenizer,
+                                  max_length=self.max_length)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from largeforge.errors import LargeForgeError
-from largeforge.evaluation.plots import overlaid_loss_chart, read_metrics
-from largeforge.evaluation.report import (
+from largeforge.runs import METRICS_FILE, is_run_dir, resolve_model_dir
+from largeforge.runs.plots import overlaid_loss_chart, read_metrics
+from largeforge.runs.report import (
     PAGE_FOOT,
     PAGE_HEAD,
     check_output_file,
@@ -26,7 +27,6 @@ from largeforge.evaluation.report import (
     render,
     write_html,
 )
-from largeforge.runs import METRICS_FILE, is_run_dir, resolve_model_dir
 
 if TYPE_CHECKING:
     from largeforge.evaluation.evaluate import EvalResult
@@ -73,6 +73,86 @@ def compare_models(
             model, data, metric_names, max_examples=max_examples, max_new_tokens=max_new_tokens,
             batch_size=batch_size, device=device, chat_template=chat_template))
     return results
+
+
+def metric_list(metrics: str | Sequence[str]) -> list[str]:
+    """Metric names from comma-separated strings, one or several (`["perplexity,rouge"]`)."""
+    values = [metrics] if isinstance(metrics, str) else list(metrics)
+    return [m.strip() for value in values for m in value.split(",") if m.strip()]
+
+
+@dataclass
+class CompareOutcome:
+    """What `compare` produced: every model's result, the comparison (labels, best per metric)
+    and the files written."""
+
+    results: list[EvalResult]
+    comparison: Comparison
+    report: Path  # the HTML report
+    json: Path | None  # the JSON summary, when asked for
+
+
+def compare(
+    models: Sequence[str],
+    data: str | Path,
+    output: str | Path,
+    *,
+    metrics: str | Sequence[str] = ("perplexity", "rouge"),
+    max_examples: int | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    device: str = "auto",
+    chat_template: str | None = None,
+    json_output: str | Path | None = None,
+    title: str = "Model comparison",
+    run_dirs: dict[str, Path] | None = None,
+    on_model: Callable[[int, str], None] | None = None,
+) -> CompareOutcome:
+    """Compare models on one data set as `largeforge compare` does: evaluate each (greedy) with
+    the same metrics, write the HTML report to `output` and, with `json_output`, every result
+    and the comparison as JSON. Both outputs are checked before any model is evaluated.
+
+    `run_dirs` maps a model reference to its run directory for the loss curves (default: every
+    model that is a run directory). `on_model(index, model)` is called as each evaluation starts.
+    """
+    output = Path(output)
+    check_output_file(output)
+    json_path = Path(json_output) if json_output is not None else None
+    if json_path is not None and json_path.is_dir():
+        raise LargeForgeError(f"--json {json_path} is a directory; name a .json file")
+    results = compare_models(models, data, metric_list(metrics), max_examples=max_examples,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             device=device, chat_template=chat_template, on_model=on_model)
+    report = write_compare_report(results, output, run_dirs=run_dirs, title=title)
+    if json_path is not None:
+        write_summary_json(json_path, results)
+    return CompareOutcome(results, compare_results(results), report, json_path)
+
+
+def write_summary_json(path: str | Path, results: Sequence[ResultLike]) -> Path:
+    """Write `summary_dict(results)` as JSON, atomically; NaN and infinities (a metric with no
+    defined value) become null. Returns the path."""
+    import json
+
+    from largeforge.atomic_files import write_atomic_text
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(summary_dict(results)), indent=2, ensure_ascii=False,
+                      allow_nan=False)
+    write_atomic_text(target, text + "\n")
+    return target
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def check_compare_inputs(models: Sequence[str], data: str | Path, metrics: Sequence[str], *,

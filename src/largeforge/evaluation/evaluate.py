@@ -1,4 +1,5 @@
-"""`evaluate_model`: perplexity and generation metrics of a model on a data file.
+"""`evaluate_model`: perplexity and generation metrics of a model on a data file; `evaluate`:
+the whole of `largeforge eval` (data metrics and lm-eval harness tasks, checked, timed, written).
 
 Data is plain text (text files, or JSON/JSONL records with a "text" field: perplexity only) or
 instruction/chat data (alpaca, sharegpt, messages). For instruction data, an example's prompt
@@ -12,7 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -295,8 +297,8 @@ def _add_generation(
     result: EvalResult, model: Any, tokenizer: Any, examples: EvalData, template: str,
     names: list[str], params: Any, batch_size: int,
 ) -> None:
-    from largeforge.evaluation.batched_generation import generate_batch
     from largeforge.evaluation.metrics import generation_metrics
+    from largeforge.inference.batched_generation import generate_batch
     from largeforge.inference.chat import ChatSession
     from largeforge.inference.generate import context_length
 
@@ -351,8 +353,8 @@ def versions() -> dict[str, str | None]:
     """Versions of what produced the numbers."""
     import platform
 
-    from largeforge import __version__
     from largeforge.hardware import installed_version
+    from largeforge.version import __version__
 
     return {
         "largeforge": __version__,
@@ -398,8 +400,142 @@ def check_output_path(path: Path) -> None:
 
 def write_results(path: Path, document: dict[str, Any]) -> None:
     """Write `document` as JSON, atomically (the old file or the new one, never half)."""
-    from largeforge.training.checkpoint import write_atomic_text
+    from largeforge.atomic_files import write_atomic_text
 
     check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic_text(path, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+
+
+# --- the whole `largeforge eval` as one call -----------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured: metrics on a data file and/or lm-eval harness task results,
+    with the settings they were measured with (what `largeforge eval --output` writes)."""
+
+    model: str
+    data: str | None
+    result: EvalResult | None  # None when only harness tasks ran
+    tasks: dict[str, dict[str, float]] | None  # task -> metric -> value; None without tasks
+    settings: dict[str, Any]
+    seconds: float = 0.0  # time spent evaluating on the data (harness tasks not counted)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The data metrics (perplexity, loss, rouge1, ...); empty when only tasks ran."""
+        return self.result.metrics if self.result is not None else {}
+
+    @property
+    def num_examples(self) -> int | None:
+        """Examples evaluated on the data; None when only tasks ran."""
+        return self.result.num_examples if self.result is not None else None
+
+    def notes(self) -> list[str]:
+        """What was cut or left out of the data metrics, in words."""
+        return notes(self.result) if self.result is not None else []
+
+    def to_dict(self) -> dict[str, Any]:
+        """The results document: result, tasks, settings, versions and date."""
+        return results_document(self.result, model=self.model, data=self.data,
+                                settings=self.settings, tasks=self.tasks)
+
+    def write(self, path: str | Path) -> Path:
+        """Write `to_dict()` as JSON to `path`, atomically; returns the path."""
+        target = Path(path)
+        write_results(target, self.to_dict())
+        return target
+
+
+def _split_list(value: str | Sequence[str] | None) -> list[str]:
+    """Names from a comma-separated string or a sequence of them."""
+    items = [value] if isinstance(value, str) else list(value or [])
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def evaluate(
+    model: str | Path,
+    data: str | Path | None = None,
+    metrics: str | Sequence[str] = "perplexity",
+    *,
+    tasks: str | Sequence[str] | None = None,
+    include_path: str | Path | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    max_examples: int | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    temperature: float = 0.0,
+    seed: int = 0,
+    chat_template: str | None = None,
+    device: str = "auto",
+    output: str | Path | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> Evaluation:
+    """Evaluate `model` as `largeforge eval` does: metrics on `data` and/or lm-eval harness
+    `tasks` (comma-separated or a list; `include_path`, `limit` and `num_fewshot` go with them).
+
+    Every argument, the model reference and the data are checked before anything is loaded.
+    `output` (a .json file) receives the results document once everything has run.
+    `on_status(message)` hears what starts and what finished ("running harness tasks ...").
+    """
+    task_list = _split_list(tasks)
+    if data is None and not task_list:
+        raise LargeForgeError("give --data FILE, --tasks a,b, or both")
+    metric_list = parse_metrics(metrics) if data is not None else []
+    out_path = Path(output) if output is not None else None
+    if out_path is not None:
+        check_output_path(out_path)
+    include = Path(include_path) if include_path is not None else None
+    if include is not None and not include.is_dir():
+        raise LargeForgeError(f"--include-path {include} is not a directory")
+    if (include or limit is not None or num_fewshot is not None) and not task_list:
+        raise LargeForgeError("--include-path, --limit and --num-fewshot go with --tasks")
+    for name, value, least in (("--limit", limit, 1), ("--num-fewshot", num_fewshot, 0),
+                               ("--batch-size", batch_size, 1),
+                               ("--max-new-tokens", max_new_tokens, 1)):
+        if value is not None and value < least:
+            raise LargeForgeError(f"{name} must be >= {least}, got {value}")
+    if not temperature >= 0:
+        raise LargeForgeError(f"--temperature must be >= 0 (0 is greedy), got {temperature}")
+    from largeforge.runs import resolve_model_dir
+
+    resolve_model_dir(str(model))  # a missing model fails before anything is read or loaded
+    if data is not None:  # the data is read and checked before any long work starts
+        check_eval_inputs(data, metric_list, max_examples=max_examples, batch_size=batch_size,
+                          device=device, chat_template=chat_template)
+
+    say = on_status or (lambda message: None)
+    task_results = None
+    if task_list:
+        from largeforge.evaluation.harness import run_harness
+
+        say(f"running harness tasks {', '.join(task_list)} ...")
+        task_results = run_harness(str(model), task_list, include_path=include, limit=limit,
+                                   num_fewshot=num_fewshot, batch_size=batch_size,
+                                   device=device)
+    result = None
+    seconds = 0.0
+    if data is not None:
+        start = time.perf_counter()
+        result = evaluate_model(
+            str(model), data, metric_list, max_examples=max_examples,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, temperature=temperature,
+            device=device, seed=seed, chat_template=chat_template,
+        )
+        seconds = time.perf_counter() - start
+        say(f"evaluated {model} on {data} in {seconds:.1f} s")
+    settings: dict[str, Any] = {
+        "metrics": metric_list, "max_examples": max_examples,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "temperature": temperature, "seed": seed, "chat_template": chat_template,
+        "device": device, "tasks": task_list, "include_path":
+        str(include) if include else None, "limit": limit,
+        "num_fewshot": num_fewshot,
+    }
+    evaluation = Evaluation(str(model), str(data) if data is not None else None, result,
+                            task_results, settings, seconds)
+    if out_path is not None:
+        evaluation.write(out_path)
+    return evaluation
