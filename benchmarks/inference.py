@@ -149,7 +149,8 @@ class TimedEngineRun:
         self.model, self.tokenizer = model, tokenizer
 
     def run(self, rows: list[list[int]], new_tokens: int) -> tuple[dict, list[list[int]]]:
-        from largeforge.inference.engine import ContinuousBatchingEngine, GenerationRequest
+        from largeforge.inference.engine import ContinuousBatchingEngine
+        from largeforge.inference.requests import GenerationRequest
         from largeforge.inference.sampling import SamplingParams
 
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, stop_at_eos=False)

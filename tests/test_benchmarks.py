@@ -17,13 +17,14 @@ import torch
 
 import tiny_models
 from largeforge.inference import SamplingParams, encode_prompt, generate_ids
-from largeforge.inference.engine import ContinuousBatchingEngine, GenerationRequest
+from largeforge.inference.engine import ContinuousBatchingEngine
 from largeforge.inference.generate import (
     load_for_inference,
     model_eos_ids,
     use_decode_layout,
     use_standard_layout,
 )
+from largeforge.inference.requests import GenerationRequest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS = REPO / "benchmarks"

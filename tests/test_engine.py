@@ -15,14 +15,14 @@ from transformers import PreTrainedTokenizerFast
 import tiny_models
 from largeforge.errors import LargeForgeError
 from largeforge.inference import SamplingParams, encode_prompt, generate, generate_ids
-from largeforge.inference.engine import (
-    ContinuousBatchingEngine,
+from largeforge.inference.engine import ContinuousBatchingEngine
+from largeforge.inference.generate import model_eos_ids
+from largeforge.inference.requests import (
     GenerationRequest,
     QueueFullError,
     RequestHandle,
     TokenEvent,
 )
-from largeforge.inference.generate import model_eos_ids
 from largeforge.inference.text_stream import IncrementalText
 from largeforge.models import ModelConfig, build_model
 

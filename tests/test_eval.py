@@ -19,11 +19,6 @@ from conftest import run_cli
 from largeforge.chat_templates import ALPACA, IGNORE_INDEX, render_for_training
 from largeforge.errors import LargeForgeError
 from largeforge.evaluation import metrics as M
-from largeforge.evaluation.batched_generation import (
-    cut_at_first,
-    generate_batch,
-    generate_batch_ids,
-)
 from largeforge.evaluation.evaluate import (
     HIGHER_IS_BETTER,
     METRICS,
@@ -39,6 +34,11 @@ from largeforge.evaluation.perplexity import (
     text_token_stream,
 )
 from largeforge.inference import CHATML_TEMPLATE, ChatSession, SamplingParams, generate
+from largeforge.inference.batched_generation import (
+    cut_at_first,
+    generate_batch,
+    generate_batch_ids,
+)
 from largeforge.inference.generate import encode_prompt, load_for_inference
 
 DATA = Path(__file__).parent / "data" / "eval"

@@ -6,14 +6,7 @@ continuous-batching engine behind the server and `largeforge infer`.
 """
 
 from largeforge.inference.chat import CHATML_TEMPLATE, ChatSession, resolve_chat_template
-from largeforge.inference.engine import (
-    ContinuousBatchingEngine,
-    EngineStats,
-    GenerationRequest,
-    QueueFullError,
-    RequestHandle,
-    TokenEvent,
-)
+from largeforge.inference.engine import ContinuousBatchingEngine
 from largeforge.inference.generate import (
     detokenize_stream,
     encode_prompt,
@@ -23,6 +16,13 @@ from largeforge.inference.generate import (
     stream_text,
     use_decode_layout,
     use_standard_layout,
+)
+from largeforge.inference.requests import (
+    EngineStats,
+    GenerationRequest,
+    QueueFullError,
+    RequestHandle,
+    TokenEvent,
 )
 from largeforge.inference.sampling import (
     SamplingParams,

@@ -46,14 +46,14 @@ def model_eos_ids(model: PreTrainedModel, tokenizer: Any = None) -> set[int]:
 
 
 @lru_cache(maxsize=32)
-def _forward_params(model_cls: type) -> frozenset[str]:
+def forward_params(model_cls: type) -> frozenset[str]:
     return frozenset(inspect.signature(model_cls.forward).parameters)
 
 
 def cache_keyword(model_cls: type) -> str:
     """The name `forward` takes the KV cache under: `cache` since transformers 5.x renamed it
     (the old `past_key_values` still works there but warns on every call), else the old one."""
-    return "cache" if "cache" in _forward_params(model_cls) else "past_key_values"
+    return "cache" if "cache" in forward_params(model_cls) else "past_key_values"
 
 
 def _plain_linear_weights(model: torch.nn.Module) -> Iterator[torch.nn.Parameter]:
@@ -111,7 +111,7 @@ def use_standard_layout(model: torch.nn.Module) -> int:
     return changed
 
 
-def _new_cache(model: PreTrainedModel) -> DynamicCache:
+def new_cache(model: PreTrainedModel) -> DynamicCache:
     try:
         return DynamicCache(config=model.config)
     except TypeError:  # transformers 4.x: DynamicCache() takes no config
@@ -156,7 +156,7 @@ def generate_ids(
     generator = None
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    accepted = _forward_params(type(model))
+    accepted = forward_params(type(model))
     extra: dict[str, Any] = {}
     if "logits_to_keep" in accepted:  # only the last position's logits are needed
         extra["logits_to_keep"] = 1
@@ -166,7 +166,7 @@ def generate_ids(
     # All ids so far (for the repetition penalty), preallocated to avoid a cat per step.
     ids = torch.empty(1, prompt_len + budget, dtype=torch.long, device=device)
     ids[:, :prompt_len] = input_ids.to(device)
-    cache = _new_cache(model)
+    cache = new_cache(model)
     was_training = model.training
     model.eval()
     try:
@@ -289,8 +289,9 @@ def load_for_inference(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from largeforge.adapters import is_adapter_dir, load_adapted_model
+    from largeforge.adapters import is_adapter_dir
     from largeforge.hardware import detect_device
+    from largeforge.models import load_adapted_model
     from largeforge.runs import resolve_model_dir
 
     resolved = resolve_model_dir(model_ref)

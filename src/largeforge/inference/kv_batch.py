@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicLayer
 from largeforge.errors import LargeForgeError
 
 
-def new_cache() -> DynamicCache:
+def plain_cache() -> DynamicCache:
     """A cache of plain full-attention layers (created lazily by the first forward)."""
     return DynamicCache()
 
