@@ -35,7 +35,8 @@ from largeforge.chat_templates import BUILTIN_TEMPLATES, CHATML
 from largeforge.cli.main import main as cli_main
 from largeforge.errors import LargeForgeError
 from largeforge.export.gguf import export_gguf
-from largeforge.export.ollama import GO_TEMPLATES, ollama_template
+from largeforge.export.ollama import ollama_template
+from largeforge.ollama_templates import GO_TEMPLATES
 from largeforge.runs import resolve_model_dir
 from largeforge.sources.importer import import_model
 from largeforge.sources.templates import chat_template_for

@@ -26,10 +26,11 @@ import tiny_models
 from conftest import run_cli
 from largeforge.chat_templates import BUILTIN_TEMPLATES, save_chat_template
 from largeforge.errors import LargeForgeError
-from largeforge.export.ollama import ALPACA_PREAMBLE, export_ollama
+from largeforge.export.ollama import export_ollama
 from largeforge.inference.chat import ChatSession
 from largeforge.inference.generate import generate_ids, load_for_inference
 from largeforge.inference.sampling import SamplingParams
+from largeforge.ollama_templates import ALPACA_PREAMBLE
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

@@ -12,12 +12,8 @@ from pathlib import Path
 import torch
 
 from largeforge.errors import LargeForgeError
-from largeforge.export.source import (
-    check_choice,
-    check_output,
-    load_source,
-    save_tokenizer,
-)
+from largeforge.export.source import check_choice, load_source
+from largeforge.staging import check_output, save_tokenizer
 
 HF_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -54,8 +50,8 @@ def export_hf(
     overwrite: bool = False,
 ) -> Path:
     """Write `model_ref` (a LoRA adapter merged first) as an HF model directory at `output`."""
-    from largeforge.export.source import staged_output
     from largeforge.runs import resolve_model_dir
+    from largeforge.staging import staged_output
 
     check_choice(dtype, tuple(HF_DTYPES), "hf dtype")
     shard_bytes = parse_shard_size(max_shard_size)

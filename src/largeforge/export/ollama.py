@@ -32,8 +32,8 @@ from largeforge.chat_templates import BUILTIN_TEMPLATES, builtin_name, render, t
 from largeforge.errors import LargeForgeError
 from largeforge.export.gguf import check_dtype, load_fp32, write_gguf
 from largeforge.export.gguf_quantize import K_QUANTS, report_path, require_llama_cpp
-from largeforge.export.ollama_templates import ALPACA_PREAMBLE as ALPACA_PREAMBLE
-from largeforge.export.ollama_templates import (
+from largeforge.inference.sampling import SamplingParams
+from largeforge.ollama_templates import (
     BOS,
     DEFAULT_SYSTEM,
     EOS,
@@ -41,7 +41,6 @@ from largeforge.export.ollama_templates import (
     PLAIN_TEMPLATE,
     STOPS,
 )
-from largeforge.inference.sampling import SamplingParams
 
 GGUF_NAME = "model.gguf"
 MODELFILE_NAME = "Modelfile"
@@ -203,7 +202,7 @@ def export_ollama(
     `eval_text`, see `largeforge.export.gguf_quantize`).
     """
     from largeforge.chat_templates import get_template
-    from largeforge.export.source import staged_output
+    from largeforge.staging import staged_output
 
     check_dtype(dtype)
     if dtype in K_QUANTS:

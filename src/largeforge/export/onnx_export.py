@@ -28,14 +28,8 @@ from typing import Any
 import torch
 
 from largeforge.errors import LargeForgeError
-from largeforge.export.source import (
-    check_choice,
-    check_output,
-    load_source,
-    save_tokenizer,
-    staged_output,
-    write_export_info,
-)
+from largeforge.export.source import check_choice, load_source, write_export_info
+from largeforge.staging import check_output, save_tokenizer, staged_output
 
 ONNX_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 MODEL_FILE = "model.onnx"

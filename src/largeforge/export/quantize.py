@@ -38,13 +38,8 @@ from typing import Any
 import torch
 
 from largeforge.errors import LargeForgeError
-from largeforge.export.source import (
-    check_choice,
-    check_output,
-    load_source,
-    save_tokenizer,
-    staged_output,
-)
+from largeforge.export.source import check_choice, load_source
+from largeforge.staging import check_output, save_tokenizer, staged_output
 
 # The int8 matmul logs on every call that it casts fp32 inputs to fp16; that is how it works.
 logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)

@@ -3,9 +3,8 @@ output directory, written atomically.
 
 `load_source` accepts a model directory, a run directory, a PEFT (LoRA) adapter directory or a
 LoRA run (whose final/ is an adapter) and a hub id; an adapter is merged into its base first
-(`largeforge.adapters.load_adapted_model`, peft's `merge_and_unload`), so every format gets one
-model with the same logits as base + adapter. `staged_output`, `check_output` and
-`save_tokenizer` live in `export.staging` (imports use them too) and are re-exported here.
+(`largeforge.models.load_adapted_model`, peft's `merge_and_unload`), so every format gets one
+model with the same logits as base + adapter. Outputs are written through `largeforge.staging`.
 """
 
 from __future__ import annotations
@@ -18,9 +17,6 @@ from typing import Any
 import torch
 
 from largeforge.errors import LargeForgeError
-from largeforge.export.staging import check_output as check_output
-from largeforge.export.staging import save_tokenizer as save_tokenizer
-from largeforge.export.staging import staged_output as staged_output
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 EXPORT_INFO = "export_info.json"
@@ -95,7 +91,7 @@ def load_source(model_ref: str | Path, *, dtype: torch.dtype = torch.float32) ->
 
 
 def write_export_info(directory: Path, info: dict[str, Any]) -> None:
-    from largeforge.training.checkpoint import write_atomic_text
+    from largeforge.atomic_files import write_atomic_text
 
     write_atomic_text(directory / EXPORT_INFO, json.dumps(info, indent=2) + "\n")
 

@@ -65,7 +65,7 @@ def write_hf_directory(info: GGUFInfo, directory: Path, *, dtype: str = "float32
     model = load_model(info, torch_dtype)
     model.generation_config = _generation_config(info, ollama, tokenizer)
     model.save_pretrained(str(directory))
-    from largeforge.export.staging import save_tokenizer
+    from largeforge.staging import save_tokenizer
 
     save_tokenizer(tokenizer, directory)
     _drop_tokens_past(directory, int(model.config.vocab_size))

@@ -87,8 +87,8 @@ def import_model(source: str | Path, output: str | Path, *, dtype: str = "float3
 
     `output` must be new or empty unless `overwrite`; it is staged beside `output` and renamed
     into place, so a failure leaves nothing."""
-    from largeforge.export.staging import check_output, staged_output
     from largeforge.sources.convert import check_dtype, write_hf_directory
+    from largeforge.staging import check_output, staged_output
 
     check_dtype(dtype)
     output = Path(output).expanduser()

@@ -1,7 +1,7 @@
 """Ollama's chat template and parameters in Hugging Face terms.
 
 The chat template: `largeforge export --format ollama` writes each of our built-in Jinja
-templates as a fixed Go template (`largeforge.export.ollama_templates.GO_TEMPLATES`, with the
+templates as a fixed Go template (`largeforge.ollama_templates.GO_TEMPLATES`, with the
 tokenizer's BOS and EOS strings in place of stand-ins). An Ollama template that is one of those,
 filled in with this model's BOS and EOS, maps back to the built-in Jinja template exactly (compared
 without surrounding whitespace). Anything else (Ollama's own library templates) is not
@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from largeforge.chat_templates import BUILTIN_TEMPLATES
-from largeforge.export.ollama_templates import BOS, EOS, GO_TEMPLATES, PLAIN_TEMPLATE
+from largeforge.ollama_templates import BOS, EOS, GO_TEMPLATES, PLAIN_TEMPLATE
 
 # Ollama parameter -> GenerationConfig field, for those that mean the same thing.
 SAMPLING_PARAMS = {
