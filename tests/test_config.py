@@ -99,6 +99,16 @@ def test_every_shipped_recipe_is_valid():
         load_recipe(strategy=name, strategy_file=strategies, environ={})
 
 
+def test_no_shipped_recipe_points_outside_the_repository():
+    """A user's clone has no ../shared: example data lives under data/, and the recipe says
+    where to get it."""
+    for path in (REPO / "recipes").glob("*.yaml"):
+        text = path.read_text(encoding="utf-8")
+        assert "../" not in text, path
+        if '"data/' in text:
+            assert "curl" in text or "not shipped" in text, f"{path} does not say where its data is"
+
+
 def test_quickstart_recipe_file_matches_the_command():
     from largeforge.quickstart import quickstart_recipe
 

@@ -5,6 +5,7 @@ and nothing written."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -161,12 +162,15 @@ def test_other_bad_settings(files, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
-def test_the_shipped_sft_recipe_runs(files, tmp_path):
+def test_the_shipped_sft_recipe_runs(files, tmp_path, shared_data):
+    """As its comment says: from a directory holding data/alpaca_sample.json."""
     repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "data").mkdir()
+    shutil.copy(shared_data / "alpaca_sample.json", tmp_path / "data")
     out = tmp_path / "sft-lora"
-    proc = run_cli("train", "sft", "--config", "recipes/sft-lora.yaml", "--output", str(out),
-                   "--set", f"model.from_pretrained={files['llama']}", "--max-steps", "3",
-                   cwd=repo)
+    proc = run_cli("train", "sft", "--config", str(repo / "recipes" / "sft-lora.yaml"),
+                   "--output", str(out), "--set", f"model.from_pretrained={files['llama']}",
+                   "--max-steps", "3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
