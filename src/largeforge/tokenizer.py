@@ -93,11 +93,14 @@ def load_tokenizer(path: str | Path) -> Any:
     """Load a tokenizer from a directory (ours or any Hugging Face one) or a hub id."""
     from transformers import AutoTokenizer
 
+    from largeforge.runs import RunDir
+
     location = Path(str(path))
+    run = RunDir(location)
     if location.is_dir() and not (location / "tokenizer_config.json").is_file() and (
-        (location / "tokenizer").is_dir()
+        run.tokenizer.is_dir()
     ):
-        location = location / "tokenizer"  # a run directory
+        location = run.tokenizer  # a run directory
     try:
         return AutoTokenizer.from_pretrained(str(location))
     except (OSError, ValueError) as error:

@@ -25,6 +25,7 @@ from rich.progress import (
 )
 
 from largeforge.atomic_files import write_atomic_text
+from largeforge.runs import RunDir
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -43,14 +44,15 @@ class MetricsLogger:
     """Append-only JSONL plus TensorBoard scalars."""
 
     def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        run = RunDir(run_dir)
+        self.path = run.metrics
         if resume_step is not None:
             truncate_metrics(self.path, resume_step)
         self._file = self.path.open("a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter
 
         purge = resume_step + 1 if resume_step is not None else None
-        self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
+        self._tb = SummaryWriter(log_dir=str(run.tensorboard), purge_step=purge)
 
     def log(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
