@@ -106,7 +106,7 @@ def test_no_shipped_recipe_points_outside_the_repository():
         text = path.read_text(encoding="utf-8")
         assert "../" not in text, path
         if '"data/' in text:
-            assert "curl" in text or "not shipped" in text, f"{path} does not say where its data is"
+            assert "# Data:" in text, f"{path} does not say where its data comes from"
 
 
 def test_quickstart_recipe_file_matches_the_command():
