@@ -53,7 +53,9 @@ def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
         )
 
 
-def lora_config(recipe: Recipe) -> LoraConfig:
+def lora_config(recipe: Recipe, *, fan_in_fan_out: bool = False) -> LoraConfig:
+    """peft's LoraConfig from the recipe. `fan_in_fan_out`: the adapted layers store their weight
+    transposed (GPT-2's Conv1D), which peft would otherwise fix with a warning."""
     from peft import LoraConfig
 
     cfg = recipe.lora
@@ -64,7 +66,7 @@ def lora_config(recipe: Recipe) -> LoraConfig:
         raise LargeForgeError("lora.target_modules: all-linear stands alone, not in a list")
     return LoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-        use_dora=cfg.use_dora, task_type="CAUSAL_LM",
+        use_dora=cfg.use_dora, task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out,
     )
 
 
@@ -141,7 +143,10 @@ def model_for_training(recipe: Recipe, base_ref: str, precision: str,
     if checkpoint is not None:
         model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
     else:
-        model = get_peft_model(base, lora_config(recipe))
+        from transformers.pytorch_utils import Conv1D
+
+        conv1d = any(isinstance(m, Conv1D) for m in base.modules())
+        model = get_peft_model(base, lora_config(recipe, fan_in_fan_out=conv1d))
     for config in model.peft_config.values():  # the reference given, not where it was loaded
         config.base_model_name_or_path = base_ref  # from (an imported GGUF's cache directory)
     return model

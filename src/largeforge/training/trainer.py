@@ -186,10 +186,7 @@ class Trainer:
         if recipe.train.method != "qlora":  # a 4-bit model is placed when it is loaded
             model.to(self.device)
         if recipe.train.gradient_checkpointing:
-            # Non-reentrant checkpointing also works when the inputs need no gradient (a frozen
-            # embedding under LoRA).
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            _enable_activation_checkpointing(model)
         model.train()
         self.runner = wrap_model(model, d, self.device)  # DDP around it, or sharded in place
         if recipe.train.compile:
@@ -428,6 +425,16 @@ class Trainer:
         result.mfu = median_of_windows(self.throughput.mfus)
         self.observer.finished(result, state.best_step)
         return result
+
+
+def _enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant checkpointing, which also works when the inputs need no gradient (a frozen
+    embedding under LoRA). transformers 5.2x renamed the method (the old name warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _run_dir(run_dir: Path, resume: str | Path | None) -> Path:
