@@ -31,7 +31,7 @@ _EXPORTS = {
     "SFTTrainer": "largeforge.training.sft",
     "merge_adapter": "largeforge.merge",
     "import_model": "largeforge.sources.importer",
-    "TrainResult": "largeforge.training.loop",
+    "TrainResult": "largeforge.training.state",
     "train_tokenizer": "largeforge.tokenizer",
     "load_tokenizer": "largeforge.tokenizer",
     "prepare_pretraining_data": "largeforge.data.pretrain",

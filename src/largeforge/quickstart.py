@@ -12,7 +12,8 @@ from typing import Any
 from rich.console import Console
 
 from largeforge.config import ResolvedRecipe, load_recipe
-from largeforge.training.loop import TrainResult, train
+from largeforge.training.loop import train
+from largeforge.training.state import TrainResult
 
 QUICKSTART_RECIPE: dict[str, Any] = {
     "model": {"preset": "tiny"},

@@ -11,7 +11,7 @@ from rich.console import Console
 from largeforge.cli import recipe_options as ro
 
 if TYPE_CHECKING:  # imported when used, so `largeforge --help` does not load torch
-    from largeforge.training.loop import TrainResult
+    from largeforge.training.state import TrainResult
 
 NprocOpt = typer.Option(
     None, "--nproc", metavar="N",

@@ -10,7 +10,6 @@ that looks complete; such leftovers are deleted by the next cleanup.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -69,19 +68,11 @@ def dir_size(path: Path) -> int:
 
 def eval_losses(run_dir: Path) -> dict[int, float]:
     """step -> validation loss, from the evaluation records of `metrics.jsonl` (the last record
-    of a step wins: a resumed run replays its steps)."""
-    path = RunDir(run_dir).metrics
-    losses: dict[int, float] = {}
-    if not path.is_file():
-        return losses
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn last line of a killed run
-        if isinstance(record, dict) and isinstance(record.get("val_loss"), (int, float)):
-            losses[int(record["step"])] = float(record["val_loss"])
-    return losses
+    of a step wins: a resumed run replays its steps; a torn line is skipped)."""
+    from largeforge.runs.plots import read_metrics
+
+    return {int(r["step"]): float(r["val_loss"]) for r in read_metrics(RunDir(run_dir).metrics).eval
+            if isinstance(r.get("val_loss"), (int, float))}
 
 
 def plan_cleanup(run_dir: Path, keep_best: int, keep_last: int) -> CleanupPlan:
