@@ -15,6 +15,8 @@ from functools import lru_cache
 
 import torch
 
+from largeforge.errors import LargeForgeError
+
 OPTIONAL_EXTRAS = {
     "serve": ["fastapi", "uvicorn", "prometheus-client"],
     "export": ["gguf", "onnx", "onnxruntime"],
@@ -25,15 +27,36 @@ OPTIONAL_EXTRAS = {
 }
 
 
-def detect_device(preferred: str = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then CPU."""
-    if preferred != "auto":
-        return torch.device(preferred)
+def available_devices() -> list[str]:
+    """The devices this machine can run on, as `--device` takes them."""
+    devices = ["cpu"]
     if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        devices += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if _mps_available():
+        devices.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        devices += ["xpu"] + [f"xpu:{i}" for i in range(xpu.device_count())]
+    return devices
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def detect_device(preferred: str = "auto") -> torch.device:
+    """`auto` picks CUDA, then Apple MPS, then CPU. A named device must exist here: an unknown
+    name or one this machine lacks (`cuda` without a GPU, `cuda:3` with two) is a
+    `LargeForgeError` that lists the devices there are."""
+    if preferred == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    available = available_devices()
+    if str(preferred) not in available:
+        raise LargeForgeError(f"device {str(preferred)!r} is not available here; this machine "
+                              f"has: {', '.join(available)} (or auto)")
+    return torch.device(preferred)
 
 
 def device_name(device: torch.device) -> str:

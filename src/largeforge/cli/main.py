@@ -6,6 +6,7 @@ Every command module registers its commands on `app`. Errors meant for people
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -82,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         # The message is text, not markup: paths and library messages may hold "[...]".
         err_console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True)
         return exc.exit_code
+    except OSError as exc:  # the file system said no: a path, a permission, a full disk
+        if debug:
+            traceback.print_exc()
+        err_console.print("[bold red]error:[/]", escape(describe_os_error(exc)), soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
@@ -93,6 +99,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return code
     return code if isinstance(code, int) else 0
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an operating-system error: what the system said, about which path(s), and
+    what usually fixes it."""
+    paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    reason = exc.strerror or type(exc).__name__
+    hints = {
+        errno.EACCES: "check the permissions of the path or choose another one",
+        errno.EPERM: "check the permissions of the path or choose another one",
+        errno.ENOSPC: "free some disk space (or write elsewhere) and run the command again",
+        errno.ENOTDIR: "a file stands where a directory is expected: choose another path",
+        errno.EISDIR: "a directory stands where a file is expected: choose another path",
+        errno.EEXIST: "the path exists already: choose another one or remove it",
+        errno.EROFS: "the file system is read-only: write elsewhere",
+    }
+    if exc.errno == errno.EEXIST and exc.filename and os.path.isfile(exc.filename):
+        reason, hint = "a file stands where a directory is expected", "choose another path"
+    else:
+        hint = hints.get(exc.errno or -1)
+    text = f"{reason}: {paths}" if paths else f"{reason}"
+    return f"{text} ({hint})" if hint else text
 
 
 def _quiet_library_progress_bars() -> None:

@@ -1,0 +1,96 @@
+"""Errors of the machine rather than of the recipe (issue 18, classes 1 and 5): what the file
+system refuses (a file where a directory is expected, an existing path) and devices this machine
+does not have. Each is one `error:` line and exit code 2, with no traceback, nothing new on disk
+and the input unchanged; the corrected command then succeeds."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+import tiny_models
+from conftest import run_cli
+
+TEXT = "Once upon a time there was a little fox who lived in the forest.\n" * 60
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` with a hash of its bytes, and every directory."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+
+
+def refused(tmp_path: Path, *args: str) -> str:
+    """Run the command; assert the error contract; return the error line."""
+    before = snapshot(tmp_path)
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert snapshot(tmp_path) == before, "the failed command changed files"
+    return errors[0]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "small.txt").write_text(TEXT, encoding="utf-8")
+    (tmp_path / "afile").write_text("not a directory\n", encoding="utf-8")
+    return tmp_path
+
+
+TRAIN = ["train", "--data", "small.txt", "--preset", "tiny", "--max-steps", "2",
+         "--set", "tokenizer.vocab_size=300", "--set", "data.seq_len=16",
+         "--set", "model.dim=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+         "--set", "model.n_kv_heads=1", "--set", "train.batch_size=2"]
+
+
+def test_a_file_where_a_directory_is_expected(workdir: Path) -> None:
+    line = refused(workdir, "tokenizer", "train", "--data", "small.txt", "--vocab-size", "300",
+                   "--output", "afile")
+    assert "afile" in line and "directory" in line
+    line = refused(workdir, *TRAIN, "--output-dir", "afile", "--name", "run")
+    assert "afile" in line and "directory is expected" in line
+    line = refused(workdir, "data", "prepare", "small.txt", "--output", "afile/prepared")
+    assert "afile" in line
+    # Corrected, the same commands succeed without --overwrite.
+    for args in (["tokenizer", "train", "--data", "small.txt", "--vocab-size", "300",
+                  "--output", "tok"], [*TRAIN, "--output-dir", "runs", "--name", "run"]):
+        proc = run_cli(*args, cwd=workdir)
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("model")
+    tokenizer = tiny_models.make_tokenizer([TEXT])
+    tiny_models.make_model(len(tokenizer), 64).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("device", ["tpu9", "cuda", "cuda:3", "mps"])
+def test_a_device_this_machine_lacks_is_named_with_the_ones_it_has(workdir: Path,
+                                                                    model_dir: Path,
+                                                                    device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available() and device != "cuda:3":
+        pytest.skip("this machine has CUDA")
+    line = refused(workdir, "generate", "--model", str(model_dir), "--prompt", "Once",
+                   "--device", device)
+    assert f"device {device!r} is not available here" in line and "cpu" in line
+
+
+def test_unknown_devices_in_eval_and_train(workdir: Path, model_dir: Path) -> None:
+    line = refused(workdir, "eval", "--model", str(model_dir), "--data", "small.txt",
+                   "--device", "cuda:7")
+    assert "'cuda:7' is not available here" in line
+    line = refused(workdir, *TRAIN, "--output-dir", "runs", "--name", "r",
+                   "--set", "train.device=xpu:5")
+    assert "'xpu:5' is not available here" in line
+    proc = run_cli("generate", "--model", str(model_dir), "--prompt", "Once", "--device", "cpu",
+                   "--max-new-tokens", "3", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
