@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,22 @@ def test_resume_ignores_an_interrupted_checkpoint_write(corpus, tmp_path):
     from largeforge.runs import latest_checkpoint
 
     assert latest_checkpoint(out / "r") == ckpts / "step-8"
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_with(corpus, tmp_path):
+    """`precision: auto` is measured when a run starts; a resume takes the run's precision from
+    run.json instead of measuring again (under load the measurement could differ)."""
+    out = tmp_path / "runs"
+    recipe = write_recipe(tmp_path / "r.yaml", corpus, out, "run", max_steps=40, save_every=2)
+    kill_cli_when(["train", "--config", str(recipe)], checkpoint_reached(out / "run", 2))
+    state_file = out / "run" / "run.json"
+    state = json.loads(state_file.read_text())
+    started = state["hardware"]["precision"]
+    other = "fp32" if started == "bf16" else "bf16"
+    state["hardware"]["precision"] = other  # as if the start had measured the other one
+    state_file.write_text(json.dumps(state), encoding="utf-8")
+    resumed = run_cli("train", "--config", str(recipe), "--resume",
+                      "--set", "train.max_steps=40")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"precision {other}, as the run started" in resumed.stdout
+    assert f"precision {other}," in resumed.stdout.split("device cpu,")[1]

@@ -119,7 +119,7 @@ class Trainer:
         if cfg_t.threads:
             torch.set_num_threads(cfg_t.threads)
         self.device = run_device(self.dist, detect_device(cfg_t.device))
-        self.precision = resolve_precision(cfg_t.precision, self.device)
+        self.precision = self._precision()
         self._tokenizer_corpus_model()
         self._place_model()
         self.optimizer = make_optimizer(self.model, self.recipe, self.device)
@@ -127,6 +127,19 @@ class Trainer:
         if self.checkpoint is not None:
             self._restore(self.checkpoint)
         self._start()
+
+    def _precision(self) -> str:
+        """train.precision, with `auto` measured at the run's start only: a resumed run keeps
+        the precision it started with (run.json), where a new measurement under load could
+        pick another one."""
+        cfg_t = self.recipe.train
+        if cfg_t.precision == "auto" and self.checkpoint is not None:
+            started = RunDir(self.run_dir).read_state().get("hardware") or {}
+            kept = started.get("precision")
+            if kept in ("fp32", "bf16", "fp16") and started.get("device") == self.device.type:
+                self.say(f"precision {kept}, as the run started (train.precision auto)")
+                return str(kept)
+        return resolve_precision(cfg_t.precision, self.device)
 
     def _tokenizer_corpus_model(self) -> None:
         """Tokenizer, tokenised corpus and model, all before the run directory is claimed: a
