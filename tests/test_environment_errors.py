@@ -5,33 +5,15 @@ and the input unchanged; the corrected command then succeeds."""
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 
 import tiny_models
+from cli_contract import refused
 from conftest import run_cli
 
 TEXT = "Once upon a time there was a little fox who lived in the forest.\n" * 60
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file under `root` with a hash of its bytes, and every directory."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
-
-
-def refused(tmp_path: Path, *args: str) -> str:
-    """Run the command; assert the error contract; return the error line."""
-    before = snapshot(tmp_path)
-    proc = run_cli(*args, cwd=tmp_path)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    assert snapshot(tmp_path) == before, "the failed command changed files"
-    return errors[0]
 
 
 @pytest.fixture

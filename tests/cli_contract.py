@@ -1,0 +1,36 @@
+"""The error contract of every command, checked in one place: a refused command exits with
+code 2, prints exactly one `error:` line and no traceback, and leaves every file as it was."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from conftest import run_cli
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under `root` with a hash of its bytes, and every directory."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+
+
+def refused(cwd: Path, *args: str, watch: Path | None = None, code: int = 2) -> str:
+    """Run the command in `cwd`; assert the error contract over `watch` (default `cwd`): exit
+    `code`, one `error:` line, no traceback, nothing changed on disk. Returns the error line."""
+    root = watch or cwd
+    before = snapshot(root)
+    proc = run_cli(*args, cwd=cwd)
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert snapshot(root) == before, "the failed command changed files"
+    return errors[0]
+
+
+def succeeds(cwd: Path, *args: str) -> str:
+    """Run the command in `cwd`, assert it exits 0 and return its stdout."""
+    proc = run_cli(*args, cwd=cwd)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    return proc.stdout
