@@ -8,6 +8,13 @@ from pathlib import Path
 
 from conftest import run_cli
 
+# A text to train on and the smallest `train` command that runs on it in seconds.
+TEXT = "Once upon a time there was a little fox who lived in the forest.\n" * 60
+TINY_TRAIN = ["train", "--data", "small.txt", "--preset", "tiny", "--max-steps", "2",
+              "--set", "tokenizer.vocab_size=300", "--set", "data.seq_len=16",
+              "--set", "model.dim=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+              "--set", "model.n_kv_heads=1", "--set", "train.batch_size=2"]
+
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under `root` with a hash of its bytes, and every directory."""

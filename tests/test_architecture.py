@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # layers before it.
 LAYERS: list[set[str]] = [
     {"errors", "atomic_files", "text_files", "cache_paths", "chat_templates", "hardware",
-     "staging", "ollama_templates", "quickstart_corpus", "version"},
+     "staging", "ollama_templates", "quickstart_corpus", "version", "damaged_files"},
     {"sources"},
     {"runs"},
     {"adapters"},

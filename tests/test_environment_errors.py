@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import tiny_models
-from cli_contract import refused
+from cli_contract import TEXT, TINY_TRAIN, refused
 from conftest import run_cli
 
-TEXT = "Once upon a time there was a little fox who lived in the forest.\n" * 60
+TRAIN = TINY_TRAIN
 
 
 @pytest.fixture
@@ -21,12 +21,6 @@ def workdir(tmp_path: Path) -> Path:
     (tmp_path / "small.txt").write_text(TEXT, encoding="utf-8")
     (tmp_path / "afile").write_text("not a directory\n", encoding="utf-8")
     return tmp_path
-
-
-TRAIN = ["train", "--data", "small.txt", "--preset", "tiny", "--max-steps", "2",
-         "--set", "tokenizer.vocab_size=300", "--set", "data.seq_len=16",
-         "--set", "model.dim=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
-         "--set", "model.n_kv_heads=1", "--set", "train.batch_size=2"]
 
 
 def test_a_file_where_a_directory_is_expected(workdir: Path) -> None:

@@ -82,6 +82,8 @@ COMPLETION = {"model": "plain", "prompt": "Once upon", "max_tokens": 4}
         ({**COMPLETION, "logprobs": 3}, "logprobs", "invalid_value", "not supported"),
         ({**COMPLETION, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value", "at most 4"),
         ({**COMPLETION, "frobnicate": 1}, "frobnicate", "unknown_parameter", "Unrecognized"),
+        ({**COMPLETION, "seed": -(10**23)}, "seed", "invalid_value", "greater than or equal"),
+        ({**COMPLETION, "seed": 2**64}, "seed", "invalid_value", "less than or equal"),
         ({"model": "plain"}, "prompt", "missing_required", "Missing required"),
         ({**COMPLETION, "prompt": [5, 99999]}, "prompt", "invalid_value", "vocabulary"),
         ({**COMPLETION, "max_tokens": CONTEXT}, "prompt", "context_length_exceeded",
@@ -112,6 +114,30 @@ def test_bad_streaming_request_is_plain_json(server) -> None:
 )
 def test_invalid_json(server, content, code, words) -> None:
     assert words in assert_error(post(server, "/completions", content=content), 400, code)
+
+
+@pytest.mark.parametrize(
+    ("path", "content", "param", "words"),
+    [  # text the encoders refuse (issue 18, class 3): a 400, never a 500
+        ("/completions", b'{"model": "plain", "prompt": "fox \\ud800 den"}', "prompt",
+         "lone surrogate \\ud800"),
+        ("/chat/completions", b'{"model": "plain", "messages": [{"role": "user", "content": '
+         b'"hi"}, {"role": "user", "content": "\\uDC00"}]}', "messages.1.content",
+         "lone surrogate \\udc00"),
+        ("/completions", b'{"model": "plain", "prompt": "\xed\xa0\x80"}', None,
+         "could not parse"),  # the surrogate as UTF-8 bytes, which UTF-8 forbids
+        ("/completions", b'{"model": "plain", "prompt": ' + b"[" * 100_000 + b"]" * 100_000
+         + b"}", None, "nested more than 100 levels deep"),
+    ],
+    ids=["surrogate-prompt", "surrogate-message", "surrogate-as-bytes", "nested-deep"],
+)
+def test_text_the_encoders_refuse_is_400(server, path, content, param, words) -> None:
+    assert words in assert_error(post(server, path, content=content), 400, "invalid_json", param)
+
+
+def test_a_body_with_a_bom_is_read(server) -> None:
+    body = b"\xef\xbb\xbf" + json.dumps({**COMPLETION, "max_tokens": 1}).encode()
+    assert post(server, "/completions", content=body).status_code == 200
 
 
 def test_huge_body_is_413(server) -> None:

@@ -8,12 +8,18 @@ adapters for training is `training/lora.py`. Importing this module also quiets t
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
 from typing import Any
 
+from largeforge.damaged_files import (
+    ADAPTER_REMEDY,
+    ADAPTER_WEIGHTS,
+    check_adapter_files,
+    read_json_object,
+    weights_error,
+)
 from largeforge.errors import LargeForgeError
 
 # bitsandbytes' CPU backend logs, when peft imports it, that it could not fetch an optional
@@ -39,7 +45,9 @@ def adapter_base(adapter_dir: str | Path) -> str | None:
         raise LargeForgeError(
             f"{adapter_dir} is not a PEFT adapter directory: it has no {ADAPTER_CONFIG}"
         )
-    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    settings = read_json_object(config, ADAPTER_REMEDY, ("peft_type",))
+    base = settings.get("base_model_name_or_path")
+    return base if isinstance(base, str) else None
 
 
 def uses_adapters(model: Any) -> bool:
@@ -53,6 +61,22 @@ def load_adapter_weights(model: Any, directory: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
+    check_adapter_files(directory)
+    set_peft_model_state_dict(model, load_file(directory / ADAPTER_WEIGHTS))
+
+
+def load_adapter(base: Any, adapter_dir: str | Path, *, is_trainable: bool = False) -> Any:
+    """`base` wrapped by peft with the adapter saved in `adapter_dir`; damaged adapter files
+    (and weights that lack some of the adapter's tensors) are a `DamagedFileError`."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    directory = Path(adapter_dir)
+    saved = check_adapter_files(directory)
+    model = PeftModel.from_pretrained(base, str(directory), is_trainable=is_trainable)
+    if saved is not None:
+        missing = set(get_peft_model_state_dict(model)) - saved
+        if missing:
+            raise weights_error(directory, missing, "of the adapter are missing", ADAPTER_REMEDY)
+    return model
 
 

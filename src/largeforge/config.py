@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from largeforge.errors import LargeForgeError
 from largeforge.text_files import read_yaml_mapping
@@ -27,7 +27,16 @@ ENV_PREFIX = "LARGEFORGE_"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are no learning rate, temperature or ratio: refused like any other bad value
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# What torch's generators take as a seed; a larger one failed deep inside a run or a request.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+# Ids are 32-bit in `tokenizers`, and its trainer allocates per possible token up front: 4e9
+# aborted the process. The largest released vocabularies hold about 256k tokens.
+MAX_VOCAB_SIZE = 1_000_000
 
 
 class ModelSection(_Section):
@@ -44,7 +53,8 @@ class ModelSection(_Section):
     n_kv_heads: int | None = Field(None, gt=0)
     hidden_dim: int | None = Field(None, gt=0)
     vocab_size: int | None = Field(
-        None, gt=0, description="defaults to the tokenizer's size; may be larger, never smaller"
+        None, gt=0, le=MAX_VOCAB_SIZE,
+        description="defaults to the tokenizer's size; may be larger, never smaller",
     )
     max_seq_len: int | None = Field(None, gt=0)
     rope_theta: float | None = Field(None, gt=0)
@@ -79,7 +89,8 @@ class TokenizerSection(_Section):
     path: str | None = Field(
         None, description="an existing tokenizer or model directory; unset: train one"
     )
-    vocab_size: int = Field(4096, gt=0, description="size of the tokenizer trained when no path")
+    vocab_size: int = Field(4096, gt=0, le=MAX_VOCAB_SIZE,
+                            description="size of the tokenizer trained when no path")
     min_frequency: int = Field(2, ge=1)
 
 
@@ -183,7 +194,7 @@ class TrainSection(_Section):
     load_best_at_end: bool = Field(
         True, description="final/ holds the weights of the best evaluation, not the last step"
     )
-    seed: int = 1337
+    seed: int = Field(1337, ge=SEED_MIN, le=SEED_MAX)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="number format of training; auto: bf16 where it is fast, else fp32"
     )
@@ -209,6 +220,15 @@ class OutputSection(_Section):
         None, description="run name: the run goes to <dir>/<name>; default: the recipe file or "
         "strategy name",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str | None) -> str | None:
+        """A run is a directory inside output.dir: its name holds no path."""
+        if name is not None and (not name.strip() or name in (".", "..")
+                                 or any(sep in name for sep in ("/", "\\", "\0"))):
+            raise ValueError(f"a run name is one directory name (no '/', not '..'): {name!r}")
+        return name
 
 
 class Recipe(_Section):
@@ -345,6 +365,7 @@ def load_recipe(
     strategy: str | None = None,
     strategy_file: str | Path | None = None,
     flags: Mapping[str, Any] | None = None,
+    flag_options: Mapping[str, str] | None = None,
     overrides: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
     defaults: Mapping[str, Any] | None = None,
@@ -355,7 +376,8 @@ def load_recipe(
     `config` is a file holding one recipe (or the recipe itself as a mapping, reported as
     `config_name`); `strategy_file` holds several under `strategies:`
     (with optional shared `defaults:`), and `strategy` picks one. `flags` are dotted keys set by
-    command-line options; `overrides` are `section.key=value` strings from `--set`. `defaults`
+    command-line options, and `flag_options` the option that set each (for messages);
+    `overrides` are `section.key=value` strings from `--set`. `defaults`
     (dotted keys) sit below every other layer: a command's own defaults, such as those of SFT.
     """
     merged: dict[str, Any] = {}
@@ -410,7 +432,8 @@ def load_recipe(
         if value is None:
             continue
         layer = _nest({dotted: value})
-        option = "--" + dotted.split(".", 1)[1].replace("_", "-")
+        option = (flag_options or {}).get(dotted) or "--" + dotted.split(".", 1)[1].replace(
+            "_", "-")
         _check_keys(layer, f"flag {option}")
         _merge(merged, layer, f"flag {option}", sources)
 

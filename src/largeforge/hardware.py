@@ -222,3 +222,11 @@ def release_freed_memory() -> None:
     except (OSError, AttributeError):
         return
     trim(0)
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """All the memory of `device`: the GPU's own, or the machine's for the CPU (and Apple's
+    unified memory); None where it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return memory_bytes()

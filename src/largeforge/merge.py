@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from largeforge.adapters import adapter_base
+from largeforge.damaged_files import DamagedFileError
 from largeforge.errors import LargeForgeError
 from largeforge.models import load_adapted_model
 
@@ -21,6 +22,7 @@ def merge_adapter(
     """Load `base` (default: the base the adapter names), apply the adapter, fold its weights into
     the base weights, and save the result with the base's tokenizer (when it has one)."""
     from largeforge.runs import resolve_model_dir
+    from largeforge.staging import check_output
     from largeforge.tokenizer import load_tokenizer
     from largeforge.training.checkpoint import save_model_dir
 
@@ -33,14 +35,15 @@ def merge_adapter(
             f"the adapter in {adapter_dir} does not name its base model; pass --base"
         )
     target = Path(output)
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise LargeForgeError(f"output {target} is not empty; choose another or pass --overwrite")
+    check_output(target, overwrite=overwrite)  # before the slow load
     merged = load_adapted_model(adapter_dir, base=base_ref)
     tokenizer: Any = None
     for source in (adapter_dir, base_ref):
         try:
             tokenizer = load_tokenizer(source)
             break
+        except DamagedFileError:
+            raise  # a tokenizer is there, but broken: not one to pass over
         except LargeForgeError:
             continue
     save_model_dir(merged, tokenizer, target)

@@ -7,8 +7,8 @@ and named presets onto `LlamaConfig`, and loads or saves model directories.
 
 from __future__ import annotations
 
-import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
+from largeforge.damaged_files import (
+    HUB_CACHE_REMEDY,
+    MODEL_REMEDY,
+    check_adapter_files,
+    check_model_files,
+    check_pickled_weights,
+    hub_snapshot,
+    read_json_object,
+    weights_error,
+)
 from largeforge.errors import LargeForgeError
 
 
@@ -56,6 +66,15 @@ class ModelConfig(BaseModel):
         # llama2.c / Meta rule: 2/3 of 4*dim, rounded up to a multiple of 32.
         hidden = int(2 * 4 * self.dim / 3)
         return 32 * ((hidden + 31) // 32)
+
+    @property
+    def parameter_count(self) -> int:
+        """Parameters of the model this config builds, known before building it."""
+        head_dim = self.dim // self.n_heads
+        attention = 2 * self.dim * self.dim + 2 * self.dim * head_dim * self.kv_heads
+        layer = attention + 3 * self.dim * self.ffn_dim + 2 * self.dim  # + two RMSNorms
+        embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return embeddings + self.n_layers * layer + self.dim  # + the final norm
 
     def to_hf(self, **extra: Any) -> LlamaConfig:
         """The equivalent `transformers.LlamaConfig`."""
@@ -162,25 +181,57 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a causal LM from a model directory, a run directory (its final/, best/ or latest
     checkpoint), a PEFT adapter directory (its base with the adapter merged in) or a hub id
-    (from the local Hugging Face cache, or downloaded when online)."""
+    (from the local Hugging Face cache, or downloaded when online). A damaged file is a
+    `DamagedFileError` that names it."""
     from largeforge.adapters import is_adapter_dir
-    from largeforge.runs import not_cached_error, resolve_model_dir
+    from largeforge.runs import resolve_model_dir
 
     ref = resolve_model_dir(path)
     local = Path(ref)
     if is_adapter_dir(local):
         return load_adapted_model(local, dtype=dtype)
-    if local.is_dir() and not any(next(local.glob(p), None) for p in WEIGHT_FILES):
+    if local.is_dir():
+        return _load_local_model(local, dtype)
+    return _load_hub_model(ref, dtype)
+
+
+def _load_local_model(local: Path, dtype: torch.dtype) -> PreTrainedModel:
+    if not any(next(local.glob(p), None) for p in WEIGHT_FILES):
         raise LargeForgeError(
             f"model directory {local} has no weights (model.safetensors or pytorch_model.bin); "
             "point at a complete model directory"
         )
-    if local.is_dir():
-        try:
-            return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype)
-        except OSError as exc:
-            raise LargeForgeError(f"cannot load a model from {ref}: {exc}") from exc
-    try:  # a hub id: the local cache first, so no network is touched when it is there
+    check_model_files(local)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            local, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
+    except OSError as exc:
+        raise LargeForgeError(f"cannot load a model from {local}: {exc}") from exc
+    except (RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
+        check_pickled_weights(local)  # a truncated or garbage .bin is named
+        raise
+    _check_every_weight_loaded(local, info)
+    return model
+
+
+def _check_every_weight_loaded(local: Path, info: dict[str, Any]) -> None:
+    """Weights that lack tensors of the model, or hold them in other shapes, are damaged
+    (transformers would start those tensors from random values)."""
+    if info.get("missing_keys"):
+        raise weights_error(local, info["missing_keys"], "the model needs are missing")
+    mismatched = info.get("mismatched_keys") or ()
+    if mismatched:
+        names = [str(m[0] if isinstance(m, tuple) else m) for m in mismatched]
+        raise weights_error(local, names, "have another shape than config.json gives")
+
+
+def _load_hub_model(ref: str, dtype: torch.dtype) -> PreTrainedModel:
+    from largeforge.runs import not_cached_error
+
+    snapshot = hub_snapshot(ref)
+    if snapshot is not None:
+        check_model_files(snapshot, HUB_CACHE_REMEDY)
+    try:  # the local cache first, so no network is touched when it is there
         return AutoModelForCausalLM.from_pretrained(ref, dtype=dtype, local_files_only=True)
     except OSError:
         pass
@@ -196,10 +247,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
 def load_adapted_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float32,
                        base: str | Path | None = None) -> Any:
     """Base + adapter as one plain transformers model (the adapter merged in), for inference."""
-    from peft import PeftModel
+    from largeforge.adapters import adapter_base, load_adapter
 
-    from largeforge.adapters import adapter_base
-
+    check_adapter_files(adapter_dir)  # before the (slow) base is loaded
     base_ref = base or adapter_base(adapter_dir)
     if not base_ref:
         raise LargeForgeError(f"the adapter in {adapter_dir} does not name its base model")
@@ -207,7 +257,7 @@ def load_adapted_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float
         raise LargeForgeError(f"the adapter in {adapter_dir} names itself as its base model")
     model = load_model(base_ref, dtype=dtype)
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        return load_adapter(model, adapter_dir).merge_and_unload()
     except (ValueError, KeyError, RuntimeError) as exc:
         raise LargeForgeError(
             f"the adapter in {adapter_dir} does not fit the base model {base_ref}: {exc}"
@@ -226,4 +276,4 @@ def model_config_from_hf(path: str | Path) -> dict[str, Any]:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
         raise LargeForgeError(f"{path} is not a model directory: it has no config.json")
-    return json.loads(config_file.read_text(encoding="utf-8"))
+    return read_json_object(config_file, MODEL_REMEDY)

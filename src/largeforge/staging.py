@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from largeforge.atomic_files import replace_path, temp_dir
 from largeforge.errors import LargeForgeError
 
 
@@ -32,6 +31,7 @@ def check_output(output: Path, *, overwrite: bool, source: str | None = None) ->
                 f"output {output} would replace the model being exported ({source}); "
                 "choose another output"
             )
+    check_parents(output)
     if output.is_file() and not overwrite:
         raise LargeForgeError(
             f"output {output} is an existing file; choose another path or pass --overwrite"
@@ -42,28 +42,29 @@ def check_output(output: Path, *, overwrite: bool, source: str | None = None) ->
         )
 
 
+def check_parents(output: Path) -> None:
+    """Refuse an output below a file (which could never become its directory), before anything
+    is read or written."""
+    for parent in Path(output).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LargeForgeError(
+                    f"output {output}: {parent} is a file where a directory is expected; "
+                    "choose another path"
+                )
+            return
+
+
 @contextmanager
 def staged_output(output: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield an empty staging directory beside `output`; on success it replaces `output`
-    (renames, so readers never see a half-written export); on any error it is removed."""
+    (renames, so readers never see a half-written export); on any error it is removed, and
+    the staging left by a killed earlier export of `output` is swept first
+    (`largeforge.atomic_files`)."""
     check_output(output, overwrite=overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
+    with temp_dir(output) as staging:
         yield staging
-        if output.exists():
-            old = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, old)
-            os.replace(staging, output)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        else:
-            os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        replace_path(staging, output)
 
 
 def save_tokenizer(tokenizer: Any | None, directory: Path) -> list[str]:

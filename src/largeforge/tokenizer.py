@@ -5,18 +5,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from largeforge.atomic_files import replace_path, temp_dir
+from largeforge.config import MAX_VOCAB_SIZE
+from largeforge.damaged_files import (
+    HUB_CACHE_REMEDY,
+    MODEL_REMEDY,
+    TOKENIZER_REMEDY,
+    check_tokenizer_files,
+    hub_snapshot,
+    tokenizer_json_problem,
+)
 from largeforge.errors import LargeForgeError
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 SPECIAL_TOKENS = [PAD, UNK, BOS, EOS]  # ids 0..3
 # A byte-level BPE needs all 256 bytes plus the special tokens.
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+# The BPE trainer holds a whole text (and its pre-tokenised words with offsets) at once: one
+# 50 MB line took 4.5 GB. Texts are fed in pieces of at most this many characters, cut at a line
+# break or a space, so memory follows the piece, not the file.
+TEXT_PIECE_CHARS = 1 << 20
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -25,6 +37,26 @@ def check_vocab_size(vocab_size: int) -> None:
             f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
             f"{MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
         )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise LargeForgeError(
+            f"vocab size {vocab_size} is too large: at most {MAX_VOCAB_SIZE} (the largest "
+            "released models use about 256000)"
+        )
+
+
+def text_pieces(text: str, limit: int = TEXT_PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `limit` characters, each cut after its last line
+    break, else before its last space, else at the limit (a text without spaces)."""
+    start = 0
+    while len(text) - start > limit:
+        end = text.rfind("\n", start, start + limit) + 1
+        if end <= start:
+            end = text.rfind(" ", start + 1, start + limit)
+        if end <= start:
+            end = start + limit
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def train_tokenizer(
@@ -52,7 +84,7 @@ def train_tokenizer(
     def counted(stream: Iterable[str]) -> Iterator[str]:
         for text in stream:
             seen["documents"] += 1
-            yield text
+            yield from text_pieces(text)
 
     core = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -76,16 +108,11 @@ def train_tokenizer(
         clean_up_tokenization_spaces=False,
         model_max_length=model_max_length or 1_000_000_000,
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with temp_dir(output) as staging:  # a killed earlier write's staging is swept first
         tokenizer.save_pretrained(str(staging))
         if output.exists():
             output.rmdir()
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        replace_path(staging, output)
     return load_tokenizer(output)
 
 
@@ -101,10 +128,22 @@ def load_tokenizer(path: str | Path) -> Any:
         run.tokenizer.is_dir()
     ):
         location = run.tokenizer  # a run directory
+    if location.is_dir():
+        directory, remedy, config_remedy = location, TOKENIZER_REMEDY, MODEL_REMEDY
+    else:  # a hub id: its files in the local cache, if they are there
+        directory, remedy = hub_snapshot(str(path)), HUB_CACHE_REMEDY
+        config_remedy = remedy
+    if directory is not None:
+        check_tokenizer_files(directory, remedy, config_remedy)
     try:
         return AutoTokenizer.from_pretrained(str(location))
-    except (OSError, ValueError) as error:
-        if not location.exists() and isinstance(error, OSError):
+    except Exception as error:
+        damaged = tokenizer_json_problem(directory, remedy) if directory is not None else None
+        if damaged is not None:  # what the library tripped over, named
+            raise damaged from None
+        if not isinstance(error, (OSError, ValueError)):
+            raise
+        if not location.exists():
             from largeforge.runs import not_cached_error
 
             raise not_cached_error(str(path)) from None  # a hub id, offline and not cached

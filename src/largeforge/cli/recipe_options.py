@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union
 
 import typer
 
+from largeforge.errors import LargeForgeError
+
 if TYPE_CHECKING:  # imported when used, so `largeforge --help` does not load torch
     from pydantic.fields import FieldInfo
 
@@ -115,7 +117,7 @@ RECIPE_FLAGS: dict[str, RecipeFlag] = {
 
 # The flags of `train` and of `config show`, which shows what `train` would resolve.
 TRAIN_FLAGS = (
-    "data", "preset", "tokenizer", "name", "output_dir", "max_steps", "batch_size", "lr",
+    "data", "dataset", "preset", "tokenizer", "name", "output_dir", "max_steps", "batch_size", "lr",
     "seq_len",
 )
 
@@ -187,17 +189,31 @@ def _option(name: str, required: bool) -> Any:
     return typer.Option(... if required else None, *decls, help=option_help(name))
 
 
-def dotted_flags(**given: Any) -> dict[str, Any]:
+class GivenFlags(dict[str, Any]):
+    """Dotted recipe keys set by flags, with the option that set each in `options` (so an
+    error names `--lora-r`, the option typed, not one derived from the key)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.options: dict[str, str] = {}
+
+
+def dotted_flags(**given: Any) -> GivenFlags:
     """The table flags that were given (by flag name), as dotted recipe keys; an option left
     out (None, or no values of a repeatable one) is not a flag layer at all."""
-    out: dict[str, Any] = {}
+    out = GivenFlags()
     for name, value in given.items():
         if value is None or value == []:
             continue
         flag = RECIPE_FLAGS[name]
         value = flag.parse(value) if flag.parse else value
-        if value is not None:
-            out[flag.key] = value
+        if value is None:
+            continue
+        if flag.key in out:  # --data and --dataset
+            raise LargeForgeError(
+                f"{out.options[flag.key]} and {option_name(name)} both set {flag.key}: give one")
+        out[flag.key] = value
+        out.options[flag.key] = option_name(name)
     return out
 
 
@@ -277,5 +293,6 @@ def resolve(
         strategy=strategy,
         strategy_file=strategy_file,
         flags=flags,
+        flag_options=getattr(flags, "options", None),
         overrides=overrides or [],
     )

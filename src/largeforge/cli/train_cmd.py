@@ -24,13 +24,13 @@ PREFERENCE_COMMANDS = ("dpo", "orpo", "simpo")  # `train NAME`: train.objective 
 # The recipe flags of `train sft` (and `train dpo`/`orpo`/`simpo`, the same command) and of
 # `train distill`, in `--help` order; what each sets, and its help, is `ro.RECIPE_FLAGS`.
 SFT_FLAGS = (
-    "model", "dataset", "num_epochs", "method", "eval_dataset", "format", "chat_template",
+    "model", "dataset", "data", "num_epochs", "method", "eval_dataset", "format", "chat_template",
     "lora_r", "lora_alpha", "lora_dropout", "target_modules", "dora", "max_steps", "batch_size",
     "grad_accum", "lr", "seq_len", "eval_every", "early_stopping_patience",
     "gradient_checkpointing", "precision", "beta",
 )
 DISTILL_FLAGS = (
-    "teacher", "dataset", "temperature", "alpha", "method", "max_steps", "num_epochs",
+    "teacher", "dataset", "data", "temperature", "alpha", "method", "max_steps", "num_epochs",
     "batch_size", "lr", "seq_len", "precision",
 )
 
@@ -191,11 +191,12 @@ def distill_command(
     else:
         model_keys = {"model.from_pretrained": student}
     out = output or Path("runs") / "distill"
+    options = getattr(flags, "options", None)
     flags = {
         **model_keys, "train.objective": "distill", **flags,
         "output.dir": str(out.parent), "output.name": out.name,
     }
-    resolved = load_recipe(config, flags=flags, overrides=overrides or [])
+    resolved = load_recipe(config, flags=flags, flag_options=options, overrides=overrides or [])
     from largeforge.training.loop import train
 
     console = Console()

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from largeforge.errors import LargeForgeError
+
 # C0 and C1 control characters except tab and newline (carriage returns become newlines first).
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 _SPACE = re.compile(r"\s+")
@@ -124,6 +126,18 @@ class QualityRules:
     max_duplicate_line_fraction: float = 0.3
     max_top_ngram_fraction: float = 0.3  # share of characters in the most frequent word 3-gram
     ngram: int = 3
+
+    def __post_init__(self) -> None:
+        if self.min_chars < 0:
+            raise LargeForgeError(f"--min-chars must be 0 or more, not {self.min_chars}")
+        if self.max_chars is not None and self.max_chars < max(self.min_chars, 1):
+            raise LargeForgeError(
+                f"--max-chars {self.max_chars} is below --min-chars {self.min_chars}: every "
+                "record would be dropped; raise --max-chars or lower --min-chars"
+            )
+        if not 0 <= self.min_alpha_ratio <= 1:
+            raise LargeForgeError(
+                f"--min-alpha-ratio must be in [0, 1], not {self.min_alpha_ratio}")
 
     def problem(self, text: str) -> str | None:
         """The name of the first rule `text` breaks, or None."""

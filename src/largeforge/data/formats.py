@@ -118,6 +118,12 @@ def detect_format(raw: RawFile | Iterable[RawFile], text_field: str = "text") ->
         )
     if not first_seen:
         names = ", ".join(f.path for f in files)
+        bad = next((r for f in files for r in f.records if r.data is None), None)
+        if bad is not None and not fields:  # no record could be read: say why the first not
+            raise LargeForgeError(
+                f"{bad.source}: {bad.error}; no record of {names} could be read, so its format "
+                "is unknown"
+            )
         raise LargeForgeError(
             f"cannot tell the format of {names}: fields {', '.join(sorted(fields)) or 'none'}; "
             f"expected {text_field!r} (text), instruction/output (alpaca), conversations "

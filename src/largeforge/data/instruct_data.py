@@ -5,7 +5,6 @@ counted)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from largeforge.chat_templates import get_template, render_batch_for_training
 from largeforge.data.cleaning import in_eval_split, record_text
 from largeforge.data.sources import TEXT_SUFFIXES, resolve_sources
 from largeforge.errors import LargeForgeError
+from largeforge.text_files import BOM, loads
 
 CONVERSATION_FORMATS = ("alpaca", "sharegpt", "messages")
 Sample = tuple[list[int], list[int]]
@@ -77,6 +77,8 @@ def _looks_like_streamed_text(paths: Sequence[str], text_field: str) -> bool:
 
 
 def _first_records(path: Path, count: int = 20) -> list[dict]:
+    """Up to `count` first records, through the shared checks (`text_files.loads`); [] at the
+    first line they refuse, which the full read then reports with file:line."""
     records: list[dict] = []
     with path.open("rb") as handle:
         for raw in handle:
@@ -85,8 +87,8 @@ def _first_records(path: Path, count: int = 20) -> list[dict]:
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw)
-            except ValueError:
+                record = loads(raw.decode("utf-8").removeprefix(BOM))
+            except ValueError:  # not UTF-8, not JSON, or JSON no command can use
                 return []
             if not isinstance(record, dict):
                 return []

@@ -6,15 +6,15 @@ is never replaced without `overwrite`."""
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from largeforge.atomic_files import replace_path, temp_dir
 from largeforge.data.cleaning import PrepareReport, in_eval_split, record_text
 from largeforge.errors import LargeForgeError
+from largeforge.staging import check_parents
 
 Record = dict[str, Any]
 
@@ -43,13 +43,8 @@ def write_prepared(
 ) -> Path:
     """Write the splits and the report to `output` atomically; returns the directory."""
     target = Path(output)
-    if target.exists() and not target.is_dir():
-        raise LargeForgeError(f"output {target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise LargeForgeError(f"output {target} is not empty; choose another or pass --overwrite")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    check_prepared_output(target, overwrite=overwrite)
+    with temp_dir(target) as staging:  # a killed earlier write's staging is swept first
         for name, records in (("train.jsonl", train), ("eval.jsonl", evaluation)):
             with (staging / name).open("w", encoding="utf-8") as handle:
                 for record in records:
@@ -57,13 +52,18 @@ def write_prepared(
         (staging / "report.json").write_text(
             json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        replace_path(staging, target)
     return target
+
+
+def check_prepared_output(target: Path, *, overwrite: bool) -> None:
+    """Refuse an output that cannot be a prepared-data directory, or holds something (unless
+    `overwrite`): checked first, before the inputs are read."""
+    check_parents(target)
+    if target.exists() and not target.is_dir():
+        raise LargeForgeError(f"output {target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise LargeForgeError(f"output {target} is not empty; choose another or pass --overwrite")
 
 
 NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
@@ -119,12 +119,21 @@ def prepare_dataset(
         raise LargeForgeError(f"--normal-form must be NFC, NFKC, NFD or NFKD, not {normal_form}")
     if not 0 <= eval_percent < 100:
         raise LargeForgeError(f"--eval-percent must be in [0, 100), not {eval_percent}")
-    kind, records = load_dataset_records(inputs, format, text_field=text_field)
+    if near_dedup is not None and not 0 <= near_dedup <= 1:
+        raise LargeForgeError(f"--near-dedup must be in [0, 1] (0 is off), not {near_dedup}")
     rules = QualityRules(min_chars=min_chars, max_chars=max_chars, min_alpha_ratio=min_alpha_ratio)
+    check_prepared_output(Path(output), overwrite=overwrite)
+    kind, records = load_dataset_records(inputs, format, text_field=text_field)
     train, evaluation, report = prepare_records(
         records, rules=rules, near_dedup_threshold=near_dedup or None,
         eval_percent=eval_percent, normal_form=normal_form,
     )
+    if records and not train and not evaluation:
+        removed = ", ".join(f"{reason} {count}" for reason, count in sorted(report.quality.items()))
+        raise LargeForgeError(
+            f"no record of {len(records)} is left after cleaning ({removed or 'duplicates'}): "
+            "loosen the filters (--min-chars, --max-chars, --min-alpha-ratio); nothing written"
+        )
     summary = {"inputs": _input_list(inputs), "format": kind, **report.as_dict()}
     target = write_prepared(output, train, evaluation, summary, overwrite=overwrite)
     return PreparedData(target, kind, train, evaluation, len(records), report, summary)
@@ -141,6 +150,7 @@ def split_dataset(
 ) -> PreparedData:
     """Split a dataset into train.jsonl and eval.jsonl (and report.json) in `output` by a stable
     hash, as `largeforge data split` does: adding records later never moves old ones."""
+    check_prepared_output(Path(output), overwrite=overwrite)
     kind, records = load_dataset_records(inputs, format, text_field=text_field)
     train, evaluation = split_records(records, eval_percent)
     summary = {"inputs": _input_list(inputs), "format": kind, "eval_percent": eval_percent,

@@ -27,9 +27,9 @@ from largeforge.cache_paths import cache_root
 from largeforge.data.cleaning import in_eval_split
 from largeforge.data.sources import Source, fingerprint, iter_documents, resolve_sources
 from largeforge.errors import LargeForgeError
-from largeforge.tokenizer import tokenizer_fingerprint
+from largeforge.tokenizer import TEXT_PIECE_CHARS, text_pieces, tokenizer_fingerprint
 
-MANIFEST_VERSION = 2  # 2: the document split uses cleaning.in_eval_split
+MANIFEST_VERSION = 3  # 2: the document split uses cleaning.in_eval_split; 3: long texts in pieces
 ENCODE_BATCH_DOCS = 512
 SPLITS = ("document", "tail")
 
@@ -197,20 +197,26 @@ def _encoded_documents(
     batch: list[str] = []
 
     def flush() -> Iterator[tuple[str, list[int]]]:
-        # A literal "</s>" in a document is text, not an end of document.
-        encoded = tokenizer(
-            batch, add_special_tokens=False, split_special_tokens=True
-        )["input_ids"]
-        for text, ids in zip(batch, encoded, strict=True):
+        for text, ids in zip(batch, _encode(tokenizer, batch), strict=True):
             yield text, [*ids, eos]
         batch.clear()
 
     for document in documents:
+        if len(document) > TEXT_PIECE_CHARS:  # memory follows the piece, not the document
+            yield from flush()
+            ids = [i for piece in text_pieces(document) for i in _encode(tokenizer, [piece])[0]]
+            yield document, [*ids, eos]
+            continue
         batch.append(document)
         if len(batch) >= ENCODE_BATCH_DOCS:
             yield from flush()
     if batch:
         yield from flush()
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    # A literal "</s>" in a document is text, not an end of document.
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def _build(

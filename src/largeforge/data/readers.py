@@ -20,7 +20,15 @@ from typing import Any
 
 from largeforge.data.sources import TEXT_SUFFIXES as TEXT_FILE_SUFFIXES
 from largeforge.errors import LargeForgeError
-from largeforge.text_files import json_lines
+from largeforge.text_files import (
+    UnusableJson,
+    decode_utf8,
+    describe_json_error,
+    iter_json_lines,
+    loads,
+    may_hold_surrogates,
+    string_problem,
+)
 
 RECORD_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 DOC_SEPARATOR = "<|endoftext|>"
@@ -130,21 +138,11 @@ def _read_file(path: str, kind: str, text_field: str) -> RawFile:
         return _read_arrow(path)
     if kind == "parquet":
         return _read_parquet(path)
-    text = _read_text(Path(path))
-    reader = {"text": _parse_text, "jsonl": _parse_jsonl, "json": _parse_json, "csv": _parse_csv}
+    if kind == "jsonl":
+        return _parse_jsonl(path)
+    text = decode_utf8(Path(path).read_bytes(), path)  # the shared checks: BOM, bad bytes
+    reader = {"text": _parse_text, "json": _parse_json, "csv": _parse_csv}
     return reader[kind](path, text, text_field)
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise LargeForgeError(
-            f"{path}:{line}: not valid UTF-8 (bad byte at offset {error.start}); a binary file, "
-            "or text in another encoding (convert it, e.g. `iconv -f latin1 -t utf-8`)"
-        ) from None
 
 
 def _parse_text(path: str, text: str, text_field: str) -> RawFile:
@@ -159,11 +157,12 @@ def _parse_text(path: str, text: str, text_field: str) -> RawFile:
     return out
 
 
-def _parse_jsonl(path: str, text: str, text_field: str) -> RawFile:
-    """Every line a record; a line that is not a JSON object is kept with its error (the shared
-    `json_lines` reader words it), so `data validate` reports it with the others."""
+def _parse_jsonl(path: str) -> RawFile:
+    """Every line a record; a line that is not a JSON object, or that `text_files.loads`
+    refuses (nested too deep, a lone surrogate), is kept with its error (the shared JSONL
+    reader words it), so `data validate` reports it with the others."""
     out = RawFile(path, "jsonl")
-    for line in json_lines(text, path):
+    for line in iter_json_lines(path):
         if line.error is not None:
             out.records.append(RawRecord(line.where, None, line.error))
         else:
@@ -172,14 +171,32 @@ def _parse_jsonl(path: str, text: str, text_field: str) -> RawFile:
 
 
 def _parse_json(path: str, text: str, text_field: str) -> RawFile:
-    out = RawFile(path, "json")
+    """A whole JSON document; its strings are checked record by record, so a lone surrogate is
+    a problem of the record that holds it (reported with the others), not of the file."""
+    out = _json_records(path, _load_json_file(path, text), text, text_field)
+    if may_hold_surrogates(text):
+        for record in out.records:
+            problem = string_problem(record.data) if record.data is not None else None
+            if problem is not None:
+                record.data, record.error = None, problem
+    return out
+
+
+def _load_json_file(path: str, text: str) -> Any:
     try:
-        data = json.loads(text)
+        return loads(text, check_strings=False)
+    except UnusableJson as error:
+        raise LargeForgeError(f"{path}:{error.lineno}: {describe_json_error(error)}") from None
     except json.JSONDecodeError as error:
         raise LargeForgeError(
-            f"{path}:{error.lineno}: invalid JSON ({error.msg} at column {error.colno}); a .json "
-            "file must hold one JSON document (use .jsonl for one record per line)"
+            f"{path}:{error.lineno}: {describe_json_error(error)}; a .json file must hold one "
+            "JSON document (use .jsonl for one record per line)"
         ) from None
+
+
+def _json_records(path: str, data: Any, text: str, text_field: str) -> RawFile:
+    """The records of a parsed .json file, each with where it starts."""
+    out = RawFile(path, "json")
     if isinstance(data, list):
         lines = _array_item_lines(text)
         for index, record in enumerate(data):
@@ -254,25 +271,35 @@ def _parse_csv(path: str, text: str, text_field: str) -> RawFile:
         )
     line = reader.line_num
     for row in reader:
-        record: dict[str, Any] = {}
-        for key, value in row.items():
-            if key is None:  # more cells than the header has columns
-                continue
-            record[key] = _csv_cell(key, value)
-        out.records.append(RawRecord(f"{path}:{line + 1}", record))
+        out.records.append(_csv_record(f"{path}:{line + 1}", row))
         line = reader.line_num
     return out
 
 
+def _csv_record(where: str, row: dict[str | None, Any]) -> RawRecord:
+    record: dict[str, Any] = {}
+    for key, value in row.items():
+        if key is None:  # more cells than the header has columns
+            continue
+        try:
+            record[key] = _csv_cell(key, value)
+        except UnusableJson as error:  # a JSON cell nested too deep, or with a lone surrogate
+            return RawRecord(where, None, f"column {key!r}: {describe_json_error(error)}")
+    return RawRecord(where, record)
+
+
 def _csv_cell(key: str, value: str | None) -> Any:
-    """Conversation columns hold JSON lists; everything else is text."""
+    """Conversation columns hold JSON lists; everything else is text. A JSON cell `loads`
+    refuses raises `UnusableJson`; one that does not parse stays text."""
     if value is None:
         return None
     if key in ("conversations", "messages", "prompt", "chosen", "rejected"):
         stripped = value.strip()
         if stripped.startswith("[") and stripped.endswith("]"):
             try:
-                decoded = json.loads(stripped)
+                decoded = loads(stripped)
+            except UnusableJson:
+                raise
             except json.JSONDecodeError:
                 return value
             if isinstance(decoded, list) and all(isinstance(v, dict) for v in decoded):
@@ -287,7 +314,27 @@ def _read_parquet(path: str) -> RawFile:
         table = pq.read_table(path)
     except Exception as error:  # pyarrow raises several kinds for a damaged file
         raise LargeForgeError(f"{path}: cannot read this Parquet file ({error})") from None
-    return _from_rows(path, "parquet", table.to_pylist(), table.column_names)
+    return _from_rows(path, "parquet", _table_rows(path, table), table.column_names)
+
+
+def _table_rows(path: str, table: Any) -> list[dict[str, Any]]:
+    """The rows of an Arrow table; a string cell that is not UTF-8 is an error naming its row."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        row = next((i for i in range(table.num_rows) if not _decodes(table.slice(i, 1))), 0)
+        raise LargeForgeError(
+            f"{path}:row {row + 1}: a text cell is not valid UTF-8; rewrite the file with UTF-8 "
+            "text, or leave the row out"
+        ) from None
+
+
+def _decodes(table: Any) -> bool:
+    try:
+        table.to_pylist()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _read_arrow(path: str) -> RawFile:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from largeforge.errors import LargeForgeError
+from largeforge.text_files import decode_utf8, describe_json_error, iter_json_lines, loads
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 JSON_SUFFIXES = (".json", ".jsonl")
@@ -126,16 +127,12 @@ def iter_documents(
                 counts["skipped_empty"] += 1
 
 
-def _decode_error(path: Path, offset: int, error: UnicodeDecodeError) -> LargeForgeError:
-    return LargeForgeError(
-        f"{path} is not valid UTF-8 (bad byte at offset {offset + error.start}); "
-        "convert it, for example with `iconv -f latin1 -t utf-8`"
-    )
-
-
 def _iter_text(path: Path, separator: str | None) -> Iterator[str]:
-    """Stream a text file in chunks, splitting on the separator across chunk boundaries."""
+    """Stream a text file in chunks, splitting on the separator across chunk boundaries. Each
+    chunk is decoded by the shared `decode_utf8` (a BOM at the start dropped, a bad byte named
+    by file:line and offset)."""
     decoder_offset = 0
+    line = 1
     pending = ""
     with path.open("rb") as handle:
         carry = b""
@@ -146,10 +143,8 @@ def _iter_text(path: Path, separator: str | None) -> Iterator[str]:
                 break
             # Decode up to the last complete UTF-8 character; keep the tail for the next read.
             cut = len(data) if not chunk else _complete_utf8_prefix(data)
-            try:
-                text = data[:cut].decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise _decode_error(path, decoder_offset, error) from None
+            text = decode_utf8(data[:cut], path, offset=decoder_offset, line=line)
+            line += text.count("\n")
             decoder_offset += cut
             carry = data[cut:]
             pending += text
@@ -189,33 +184,20 @@ def _record_text(record: object, text_field: str, where: str) -> str:
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    offset = 0
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise _decode_error(path, offset, error) from None
-            offset += len(raw)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise LargeForgeError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            yield _record_text(record, text_field, f"{path}:{number}")
+    """The shared JSONL reader (`text_files.iter_json_lines`), streamed: the first line it
+    cannot use (not JSON, nested too deep, a lone surrogate) stops the read, naming file:line."""
+    for line in iter_json_lines(path):
+        if line.error is not None:
+            raise LargeForgeError(f"{line.where}: {line.error}")
+        yield _record_text(line.value, text_field, line.where)
 
 
 def _iter_json(path: Path, text_field: str) -> Iterator[str]:
-    raw = path.read_bytes()
+    text = decode_utf8(path.read_bytes(), path)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise _decode_error(path, 0, error) from None
-    try:
-        data = json.loads(text)
+        data = loads(text)
     except json.JSONDecodeError as error:
-        raise LargeForgeError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
+        raise LargeForgeError(f"{path}:{error.lineno}: {describe_json_error(error)}") from None
     records = data if isinstance(data, list) else [data]
     for index, record in enumerate(records):
         yield _record_text(record, text_field, f"{path} (record {index})")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from largeforge.errors import LargeForgeError
+from largeforge.text_files import read_text
 
 PROMPT_FIELDS = ("prompt", "instruction", "text", "question")
 
@@ -53,9 +54,7 @@ def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a .txt file (one a line) or JSON/JSONL records (`prompt`, `instruction`,
     `text` or `question`; alpaca's `input` is appended to its instruction)."""
     source = Path(path)
-    if not source.is_file():
-        raise LargeForgeError(f"prompts file {source} not found")
-    text = source.read_text(encoding="utf-8")
+    text = read_text(source, "prompts file")  # the shared checks: a BOM, a byte not UTF-8
     if source.suffix.lower() == ".txt":
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     else:

@@ -2,7 +2,8 @@
 
 Problems (the `kind` of each):
 
-    bad_json         a line (or array item) that is not a JSON object
+    bad_json         a line (or array item) that is not a JSON object, is nested too deep, or
+                     holds a string that is not Unicode text (a lone surrogate, "\\ud800")
     missing_field    a field the format needs is absent (or null)
     bad_field        a field of the wrong type, or an hh-rlhf dialogue that does not parse
     unknown_role     a speaker that is not system/user/assistant (human/gpt in ShareGPT)
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from largeforge.atomic_files import replace_path
 from largeforge.data.formats import (
     RecordProblem,
     check_columns,
@@ -39,6 +41,7 @@ from largeforge.data.formats import (
 )
 from largeforge.data.readers import RawFile, RawRecord, read_records
 from largeforge.errors import LargeForgeError
+from largeforge.text_files import string_problem
 
 PROBLEM_KINDS = (
     "bad_json", "missing_field", "bad_field", "unknown_role", "empty_field", "empty_assistant",
@@ -330,7 +333,7 @@ def write_clean(report: ValidationReport, output: str | os.PathLike[str]) -> int
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             for record in report.valid:
                 out.write(json.dumps(record.data, ensure_ascii=False, default=str) + "\n")
-        os.replace(staging, target)
+        replace_path(Path(staging), target)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise
@@ -341,16 +344,18 @@ IN_MEMORY = "<records>"
 
 
 def records_as_raw_file(records: Iterable[Any], name: str = IN_MEMORY) -> RawFile:
-    """Records held in memory (dicts; anything else is reported as `bad_json`) as one input
+    """Records held in memory (dicts; anything else, or a dict holding a string that is not
+    Unicode text, is reported as `bad_json`, as the file readers report them) as one input
     "file" named `name`, each record's source `name:N` (N counted from 1)."""
     raw = RawFile(name, "json")
     for number, record in enumerate(records, 1):
         where = f"{name}:{number}"
-        if isinstance(record, Mapping):
+        problem = string_problem(record) if isinstance(record, Mapping) else (
+            f"not a JSON object: {type(record).__name__}")
+        if problem is None:
             raw.records.append(RawRecord(where, dict(record)))
         else:
-            error = f"not a JSON object: {type(record).__name__}"
-            raw.records.append(RawRecord(where, None, error))
+            raw.records.append(RawRecord(where, None, problem))
     return raw
 
 

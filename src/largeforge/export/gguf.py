@@ -21,13 +21,12 @@ silence.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from largeforge.atomic_files import replace_path, temp_dir, temp_file
 from largeforge.errors import LargeForgeError
 from largeforge.export.gguf_arch import (
     Family,
@@ -133,18 +132,17 @@ def _write_quantized(model: Any, tokenizer: Any, output: Path, *, dtype: str,
                      eval_text: str | None) -> Path:
     """F16 first, then llama.cpp's quantizer, then both measured; all in a staging directory
     beside `output`, renamed into place when complete."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
-        f16 = _write_direct(model, tokenizer, Path(tmp) / "f16.gguf", dtype="f16",
+    with temp_dir(output) as tmp:
+        f16 = _write_direct(model, tokenizer, tmp / "f16.gguf", dtype="f16",
                             add_bos=add_bos, chat_template=chat_template)
-        quantized = Path(tmp) / f"{dtype}.gguf"
+        quantized = tmp / f"{dtype}.gguf"
         quantize_file(f16, quantized, dtype)
         context = min(PPL_CONTEXT, int(getattr(model.config, "max_position_embeddings", 0)
                                        or PPL_CONTEXT))
         report = quantization_report(f16, quantized, dtype, eval_text, context=context)
-        staged_report = write_report(report, Path(tmp) / "report.json")
-        os.replace(quantized, output)
-        os.replace(staged_report, report_path(output))
+        staged_report = write_report(report, tmp / "report.json")
+        replace_path(quantized, output)
+        replace_path(staged_report, report_path(output))
     return output
 
 
@@ -161,11 +159,7 @@ def _write_direct(model: Any, tokenizer: Any, output: Path, *, dtype: str,
         add_bos = tokenizer.bos_token_id is not None  # as `encode_prompt` does
     tensors = list(convert_tensors(model, family, dtype))  # every check passes before any write
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with temp_file(output) as tmp:
         # No `general.name`: llama.cpp changes how it tokenises by the model's name (a name
         # holding "phi-3" gets Phi-3's special-token rules, and fails without its tokens), so
         # a directory name must not decide that.
@@ -179,10 +173,7 @@ def _write_direct(model: Any, tokenizer: Any, output: Path, *, dtype: str,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        replace_path(tmp, output)
     return output
 
 

@@ -29,6 +29,7 @@ import torch
 
 from largeforge.errors import LargeForgeError
 from largeforge.export.source import check_choice, load_source, write_export_info
+from largeforge.inference.generate import cache_keyword, output_cache
 from largeforge.staging import check_output, save_tokenizer, staged_output
 
 ONNX_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
@@ -67,9 +68,10 @@ class _WithCache(torch.nn.Module):
         for layer in range(self.num_layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=cache, use_cache=True)
+                         position_ids=position_ids, use_cache=True,
+                         **{cache_keyword(type(self.model)): cache})
         presents: list[torch.Tensor] = []
-        for layer in out.past_key_values.layers[: self.num_layers]:
+        for layer in output_cache(out).layers[: self.num_layers]:
             presents += [layer.keys, layer.values]
         return (out.logits, *presents)
 
@@ -94,7 +96,7 @@ def _example_past(model: Any, batch: int, length: int) -> list[torch.Tensor]:
     """Past keys/values of the model's own shapes (run once on `length` tokens)."""
     ids = torch.zeros(batch, length, dtype=torch.long)
     with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids, use_cache=True))
     tensors: list[torch.Tensor] = []
     for layer in cache.layers:
         tensors += [layer.keys.clone(), layer.values.clone()]

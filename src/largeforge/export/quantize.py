@@ -27,16 +27,16 @@ the directory as written, loaded back the way a user loads it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from largeforge.atomic_files import temp_dir
 from largeforge.errors import LargeForgeError
 from largeforge.export.source import check_choice, load_source
 from largeforge.staging import check_output, save_tokenizer, staged_output
@@ -173,11 +173,9 @@ def quantize(
         )
     before = _perplexity(source.model, source.tokenizer, text) if text is not None else None
 
-    scratch: Path | None = None
-    try:
+    with contextlib.ExitStack() as scratch_dirs:  # removed however this ends
         if source.merged_adapter:  # quantise the merged weights, written once in fp32
-            target.parent.mkdir(parents=True, exist_ok=True)
-            scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.merged-"))
+            scratch = scratch_dirs.enter_context(temp_dir(target))
             source.model.save_pretrained(str(scratch), safe_serialization=True)
             load_from = str(scratch)
         else:
@@ -218,9 +216,6 @@ def quantize(
             (staging / REPORT_FILE).write_text(
                 json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8"
             )
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
     return report
 
 

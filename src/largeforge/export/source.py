@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from largeforge.damaged_files import DamagedFileError
 from largeforge.errors import LargeForgeError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -61,6 +62,8 @@ def find_tokenizer(*candidates: str | None) -> Any | None:
             continue
         try:
             return load_tokenizer(candidate)
+        except DamagedFileError:
+            raise  # a tokenizer is there, but broken: not one to pass over
         except LargeForgeError:
             continue
     return None

@@ -61,13 +61,16 @@ def id_key(value: Any) -> str:
 def read_infer_records(path: str | Path) -> list[InferRecord]:
     """The records of a JSONL prompts file; any bad line is an error that names it.
 
-    Lines come from the shared `json_lines` reader (so a string holding U+2028 does not split a
-    record, as `str.splitlines` would); unlike `data validate`, the first bad line stops the read,
+    Lines come from the shared JSONL reader (so a string holding U+2028 does not split a record,
+    as `str.splitlines` would, and a line nested too deep or holding a lone surrogate is refused
+    as every command refuses it); unlike `data validate`, the first bad line stops the read,
     since a prompt left out would leave a silent gap in the output."""
     records: list[InferRecord] = []
     first_line: dict[str, int] = {}
     for line in read_json_lines(path, "input file"):
         if line.error is not None:
+            if not line.error.startswith("invalid JSON: "):
+                raise LargeForgeError(f"{line.where}: {line.error}")
             detail = line.error.removeprefix("invalid JSON: ")
             raise LargeForgeError(f"{line.where} is not valid JSON ({detail})")
         record = _record(line.value, line.number, line.where)

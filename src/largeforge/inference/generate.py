@@ -56,6 +56,13 @@ def cache_keyword(model_cls: type) -> str:
     return "cache" if "cache" in forward_params(model_cls) else "past_key_values"
 
 
+def output_cache(output: Any) -> Any:
+    """The KV cache of a forward's output: `cache` since transformers 5.x (reading the old
+    `past_key_values` there warns), else `past_key_values`."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def _plain_linear_weights(model: torch.nn.Module) -> Iterator[torch.nn.Parameter]:
     """The 2-D float weights of the plain `nn.Linear` layers on the CPU, each once (a tied
     output head and embedding share one). Quantised (bitsandbytes) weights are not plain."""
@@ -287,12 +294,10 @@ def load_for_inference(
     fastest (`use_decode_layout`: about 1.6x faster at batch 1); such a model must not be
     saved before `use_standard_layout`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from largeforge.adapters import is_adapter_dir
     from largeforge.hardware import detect_device
-    from largeforge.models import load_adapted_model
+    from largeforge.models import load_model
     from largeforge.runs import resolve_model_dir
+    from largeforge.tokenizer import load_tokenizer
 
     resolved = resolve_model_dir(model_ref)
     local = Path(resolved)
@@ -301,18 +306,10 @@ def load_for_inference(
             f"{local} has no tokenizer (expected tokenizer.json or tokenizer_config.json); "
             "save the tokenizer into the model directory"
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved)
-    except (OSError, ValueError) as exc:
-        raise LargeForgeError(f"cannot load a tokenizer from {resolved}: {exc}") from exc
+    tokenizer = load_tokenizer(resolved)
     target = detect_device(device or "auto")
-    if is_adapter_dir(resolved):  # a LoRA run: its base with the adapter merged in
-        model = load_adapted_model(resolved, dtype=_inference_dtype(target))
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(resolved, dtype=_inference_dtype(target))
-        except (OSError, ValueError) as exc:
-            raise LargeForgeError(f"cannot load a model from {resolved}: {exc}") from exc
+    # A LoRA run or adapter directory: its base with the adapter merged in.
+    model = load_model(resolved, dtype=_inference_dtype(target))
     model.to(target)
     model.eval()
     if decode_layout:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from largeforge.config import SEED_MAX, SEED_MIN
 from largeforge.errors import LargeForgeError
 
 
@@ -40,6 +41,8 @@ class SamplingParams:
             raise LargeForgeError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LargeForgeError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise LargeForgeError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
         if not self.repetition_penalty > 0:
             raise LargeForgeError(
                 f"repetition_penalty must be > 0 (1.0 turns it off), got {self.repetition_penalty}"

@@ -45,7 +45,8 @@ def resolve_model_dir(ref: str | Path) -> str:
         )
     text = str(ref)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
+    # `runs/typo` names a directory here, not the hub user `runs`.
+    if not looks_like_hub_id or Path(text.split("/")[0]).is_dir():
         raise LargeForgeError(f"model {text!r} not found: no such directory")
     return text
 

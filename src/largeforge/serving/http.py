@@ -8,6 +8,7 @@ bucket has room, `errors` shapes the OpenAI-style error bodies.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi import Request
 
 from largeforge.serving.auth import Authenticator, RateLimiter
 from largeforge.serving.errors import APIError, bad_request
+from largeforge.text_files import UnusableJson, loads
 
 MAX_BODY_BYTES = 4 * 2**20  # a request body larger than this is refused (413)
 
@@ -56,17 +58,35 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     raw = b"".join(chunks)
     if not raw.strip():
         raise bad_request("The request needs a JSON body.", None, "invalid_json")
+    body = _parse_body(raw)
+    if not isinstance(body, dict):
+        raise bad_request(f"The request body must be a JSON object, got {type(body).__name__}.",
+                          None, "invalid_type")
+    return body
+
+
+def _parse_body(raw: bytes) -> Any:
+    """The body through the checks every reader of user JSON shares (`text_files.loads`): JSON
+    nested too deep, or a string that is not Unicode text (a lone surrogate, which no tokenizer
+    can encode), is a 400 here as it is a file:line error in a file."""
     try:
-        body = json.loads(raw)
+        # Strictly: json.loads(bytes) would let UTF-8-encoded surrogates through.
+        return loads(raw.decode(json.detect_encoding(raw)))
+    except UnusableJson as exc:
+        raise bad_request(
+            f"The JSON body of your request cannot be used: {exc.msg} (line {exc.lineno}).",
+            _param(exc.path), "invalid_json",
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad_request(
             f"We could not parse the JSON body of your request ({exc}). The body must be a JSON "
             "object.", None, "invalid_json",
         ) from None
-    if not isinstance(body, dict):
-        raise bad_request(f"The request body must be a JSON object, got {type(body).__name__}.",
-                          None, "invalid_type")
-    return body
+
+
+def _param(path: str | None) -> str | None:
+    """`messages[0].content` as the API names fields in errors: `messages.0.content`."""
+    return re.sub(r"\[(\d+)\]", r".\1", path) if path else None
 
 
 def _too_large() -> APIError:

@@ -32,6 +32,8 @@ from pydantic import (
     model_validator,
 )
 
+from largeforge.config import SEED_MAX, SEED_MIN
+
 # A request with n above this is refused ("huge n"); each choice is one engine request.
 MAX_N = 8
 MAX_STOP_SEQUENCES = 4  # as the OpenAI API
@@ -73,7 +75,7 @@ class _SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     user: str | None = None
     # Accepted only at their neutral values (see the module docstring).
     presence_penalty: float = 0.0

@@ -236,14 +236,13 @@ def _check_output(output: Path, overwrite: bool) -> None:
 def _save(pipeline: Any, output: Path, meta: dict[str, Any]) -> None:
     import skops.io
 
-    from largeforge.atomic_files import write_atomic_text
+    from largeforge.staging import staged_output
 
-    output.mkdir(parents=True, exist_ok=True)
-    staging = output / f".{CLASSIFIER_FILE}.tmp"
-    skops.io.dump(pipeline, staging)
-    staging.replace(output / CLASSIFIER_FILE)
-    # router.json last: a directory with it is complete.
-    write_atomic_text(output / META_FILE, json.dumps(meta, indent=2) + "\n")
+    # Staged beside `output` and renamed into place whole: a failed or killed training leaves
+    # no half-written output to refuse the next one (its staging is swept then).
+    with staged_output(output, overwrite=True) as staging:  # `_check_output` decided
+        skops.io.dump(pipeline, staging / CLASSIFIER_FILE)
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def _versions() -> dict[str, str]:

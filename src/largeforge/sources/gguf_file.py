@@ -3,7 +3,8 @@
 `inspect_gguf` reads the header, the metadata and the tensor table (the tensor data stays
 memory-mapped and unread) and refuses, as a `LargeForgeError` that names the file:
 
-- a file that is not GGUF, or that ends before its last tensor's data (a truncated download);
+- a file that is not GGUF, or that ends before its last tensor's data (a truncated download),
+  as a `DamagedFileError`;
 - an architecture outside `SUPPORTED_ARCHITECTURES`: those `transformers`' GGUF loader turns into
   its own model classes among the decoder-only families LargeForge trains (others, such as
   Mamba or T5, are either not causal LMs or not loadable);
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from largeforge.damaged_files import DamagedFileError, first_line
 from largeforge.errors import LargeForgeError
 
 GGUF_MAGIC = b"GGUF"
+GGUF_REMEDY = "download or export the GGUF file again"
 
 # llama.cpp architecture names (`general.architecture`) that are imported.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3",
@@ -61,9 +64,10 @@ def is_gguf_file(path: Path) -> bool:
         return False
 
 
-def inspect_gguf(path: Path) -> GGUFInfo:
-    """Read and check `path`; see the module docstring for what is refused."""
-    reader = _open(path)
+def inspect_gguf(path: Path, remedy: str = GGUF_REMEDY) -> GGUFInfo:
+    """Read and check `path`; see the module docstring for what is refused. `remedy` says what
+    to do about a damaged file."""
+    reader = _open(path, remedy)
     fields = reader.fields
     architecture = _field(fields, "general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
@@ -99,26 +103,25 @@ def inspect_gguf(path: Path) -> GGUFInfo:
     )
 
 
-def _open(path: Path) -> Any:
+def _open(path: Path, remedy: str) -> Any:
     """A `GGUFReader` over a complete GGUF file, or a LargeForgeError."""
     import gguf
 
     if not path.is_file():
         raise LargeForgeError(f"GGUF file {path} not found")
+    size = path.stat().st_size
     if not is_gguf_file(path):
-        raise LargeForgeError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+        problem = "empty" if size == 0 else "not a GGUF file: it does not start with 'GGUF'"
+        raise DamagedFileError(path, problem, remedy)
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, OSError, UnicodeDecodeError) as exc:
-        raise LargeForgeError(
-            f"{path} is not a readable GGUF file: it is truncated or damaged ({exc})"
-        ) from exc
-    size = path.stat().st_size
+        raise DamagedFileError(path, f"truncated or garbage: {first_line(exc)}",
+                               remedy) from exc
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if not reader.tensors or end > size:
-        raise LargeForgeError(
-            f"{path} is truncated or damaged: its tensors need {end} bytes, the file has {size}"
-        )
+        raise DamagedFileError(
+            path, f"truncated: its tensors need {end} bytes, the file has {size}", remedy)
     return reader
 
 

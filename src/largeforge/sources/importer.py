@@ -30,6 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from largeforge.atomic_files import honour_umask
 from largeforge.errors import LargeForgeError
 from largeforge.sources.gguf_file import GGUFInfo, inspect_gguf, is_gguf_file
 from largeforge.sources.ollama_store import OllamaModel, is_ollama_ref, read_model
@@ -67,7 +68,8 @@ def open_source(ref: str | Path) -> Source:
     text = str(ref)
     if is_ollama_ref(text):
         ollama = read_model(text)
-        info = inspect_gguf(ollama.model_blob)
+        name = text.split(":", 1)[1]
+        info = inspect_gguf(ollama.model_blob, f"pull the model again (`ollama pull {name}`)")
         digests = {media: digest for media, digest in sorted(ollama.layer_digests.items())
                    if media.startswith("application/vnd.ollama.image.")}
         return Source(reference=text, info=info, key=_key(digests), digest=ollama.model_digest,
@@ -121,6 +123,7 @@ def resolve_source(ref: str | Path) -> str:
     try:
         write_hf_directory(checked.info, staging, dtype=CACHE_DTYPE, ollama=checked.ollama,
                            source=checked.reference, digest=checked.digest)
+        honour_umask(staging)  # read by a serving container too
         try:
             os.rename(staging, entry)
         except OSError:

@@ -9,17 +9,20 @@ moment leaves `latest` naming a complete checkpoint.
 
 from __future__ import annotations
 
-import os
+import pickle
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from largeforge.atomic_files import write_atomic_text
+from largeforge.atomic_files import replace_path, temp_dir, write_atomic_text
+from largeforge.damaged_files import DamagedFileError, reading
 from largeforge.errors import LargeForgeError
 from largeforge.runs import RECIPE_FILE, STATE_FILE, RunDir, checkpoint_name
 
@@ -60,25 +63,11 @@ def write_model_files(model: Any, tokenizer: Any, directory: Path) -> None:
 
 
 def save_model_dir(model: Any, tokenizer: Any, directory: Path) -> None:
-    """Write a complete HF model directory atomically (temp dir + rename)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
+    """Write a complete HF model directory atomically (temp dir + rename); the temp dir of a
+    killed earlier write is swept first."""
+    with temp_dir(directory) as tmp:
         write_model_files(model, tokenizer, tmp)
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
+        replace_path(tmp, directory)
 
 
 def save_checkpoint(
@@ -122,7 +111,7 @@ def commit_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int) -> Path:
     run = RunDir(run_dir)
     final = run.checkpoint(step)
     try:
-        _replace_dir(tmp, final)
+        replace_path(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -140,9 +129,53 @@ def _prune(run: RunDir, keep: int, protect: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
+# What torch.load raises on a truncated or garbage file: a zip archive it cannot read
+# (RuntimeError), a pickle that is not one, or no bytes at all.
+TORCH_FILE_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, AttributeError)
+STATE_KEYS = ("data", "rng")  # in every training_state.pt (the optimizer not in FSDP's)
+
+
 def load_training_state(checkpoint: Path) -> dict[str, Any]:
     state_file = checkpoint / STATE_FILE
     if not state_file.is_file():
         raise LargeForgeError(f"{checkpoint} is not a complete checkpoint: no {STATE_FILE}")
-    # weights_only=False: the state holds Python RNG tuples and numpy arrays we wrote ourselves.
-    return torch.load(state_file, map_location="cpu", weights_only=False)
+    remedy = checkpoint_remedy(checkpoint)
+    state = load_torch_file(state_file, remedy)
+    if not isinstance(state, dict):
+        raise DamagedFileError(
+            state_file, f"a {type(state).__name__} where a dictionary is expected", remedy)
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise DamagedFileError(state_file, f"no {missing[0]!r} entry", remedy)
+    return state
+
+
+def load_torch_file(path: Path, remedy: str) -> Any:
+    """What torch.save wrote to `path` (a checkpoint's own file); a damaged file is named."""
+    with reading(path, remedy, TORCH_FILE_ERRORS):
+        # weights_only=False: it holds Python RNG tuples and numpy arrays we wrote ourselves.
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_remedy(checkpoint: Path) -> str:
+    """What to do about a damaged file in `checkpoint`: resume from the one before, if any."""
+    here = checkpoint.resolve()
+    steps = RunDir(here.parent.parent).step_checkpoints()
+    mine = next((step for step, path in steps if path == here), None)
+    earlier = [path for step, path in steps if path != here and (mine is None or step < mine)]
+    if earlier:
+        before = checkpoint.parent / earlier[-1].name  # named as the checkpoint was
+        return f"resume from an earlier checkpoint (--resume {before}) or restore the file"
+    return "restore the file, or start the run again (--overwrite)"
+
+
+@contextmanager
+def resuming_from(checkpoint: Path | None) -> Iterator[None]:
+    """A damaged file of `checkpoint` (its model, adapter or tokenizer files) is reported with
+    what to do about a damaged checkpoint."""
+    try:
+        yield
+    except DamagedFileError as damaged:
+        if checkpoint is None or not damaged.path.resolve().is_relative_to(checkpoint.resolve()):
+            raise
+        raise damaged.with_remedy(checkpoint_remedy(checkpoint)) from None

@@ -41,11 +41,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from largeforge.damaged_files import DamagedFileError, check_model_files
 from largeforge.errors import LargeForgeError
 from largeforge.runs import DISTRIBUTED_FILE, LATEST_FILE, RunDir, is_model_dir
 from largeforge.training.checkpoint import (
     capture_rng_state,
+    checkpoint_remedy,
     commit_checkpoint,
+    load_torch_file,
     new_checkpoint_dir,
     restore_rng_state,
     save_model_dir,
@@ -387,7 +390,10 @@ def load_checkpoint(
         optimizer.load_state_dict(saved["optimizer"])
     rank_file = checkpoint / RANK_RNG_FILE.format(rank=d.rank)
     if rank_file.is_file():
-        restore_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False)["rng"])
+        rank_state = load_torch_file(rank_file, checkpoint_remedy(checkpoint))
+        if not isinstance(rank_state, dict) or "rng" not in rank_state:
+            raise DamagedFileError(rank_file, "no 'rng' entry", checkpoint_remedy(checkpoint))
+        restore_rng_state(rank_state["rng"])
     else:  # a run resumed on more processes than wrote it: rank 0's states
         restore_rng_state(saved["rng"])
 
@@ -480,6 +486,7 @@ def consolidate_checkpoint(checkpoint: Path, output: Path) -> Path:
 
     from largeforge.tokenizer import load_tokenizer
 
+    check_model_files(config_dir, checkpoint_remedy(checkpoint))
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

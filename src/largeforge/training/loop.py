@@ -66,5 +66,7 @@ def train(
         except BaseException as exc:
             observer.failed(exc)
             raise
+        finally:
+            trainer.release()
     finally:
         shutdown(d, ok=ok)

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-import largeforge.adapters  # noqa: F401  (quiets bitsandbytes before peft imports it)
+# Importing largeforge.adapters also quiets bitsandbytes before peft imports it.
+from largeforge.adapters import load_adapter
+from largeforge.damaged_files import check_model_files
 from largeforge.errors import LargeForgeError
 from largeforge.models import load_model
 
@@ -90,6 +92,8 @@ def load_quantized_base(ref: str, *, quant_type: str = "nf4", double_quant: bool
     from largeforge.runs import resolve_model_dir
 
     ref = resolve_model_dir(ref)  # a GGUF file or Ollama model: its imported directory
+    if Path(ref).is_dir():
+        check_model_files(ref)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
@@ -138,10 +142,10 @@ def model_for_training(recipe: Recipe, base_ref: str, precision: str,
     for p in base.parameters():
         p.requires_grad_(False)
     check_target_modules(base, list(recipe.lora.target_modules))
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
 
     if checkpoint is not None:
-        model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
+        model = load_adapter(base, checkpoint, is_trainable=True)
     else:
         from transformers.pytorch_utils import Conv1D
 

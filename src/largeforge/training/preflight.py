@@ -3,7 +3,6 @@ checkpoint's, the recipe's, the base model's, or one trained now)."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -11,12 +10,16 @@ from typing import Any
 
 import torch
 
+from largeforge.chat_templates import get_template
 from largeforge.config import Recipe
 from largeforge.errors import LargeForgeError
+from largeforge.hardware import detect_device
 from largeforge.models import build_model, count_parameters, load_model
-from largeforge.tokenizer import MIN_VOCAB_SIZE, load_tokenizer, train_tokenizer
+from largeforge.runs import TOKENIZER_DIR
+from largeforge.tokenizer import check_vocab_size, load_tokenizer, train_tokenizer
 from largeforge.training.data_kinds import LoadedData
 from largeforge.training.distributed import Distributed
+from largeforge.training.resources import check_batch_fits, check_new_model_fits
 from largeforge.training.setup import default_template
 from largeforge.training.state import TrainResult
 from largeforge.training.steps import check_seq_len, model_shape
@@ -36,14 +39,13 @@ def verify(recipe: Recipe, data: LoadedData, run_dir: Path, say: Say) -> TrainRe
         say(f"tokenizer: {source}, {vocab} tokens")
         if data.records and not recipe.data.chat_template:
             default_template(recipe, data.fmt, tokenizer)
+    if data.records and recipe.data.chat_template:
+        get_template(recipe.data.chat_template)  # a built-in name or a Jinja file
     else:
         vocab = recipe.tokenizer.vocab_size
-        if vocab < MIN_VOCAB_SIZE:
-            raise LargeForgeError(
-                f"tokenizer.vocab_size {vocab} is too small: a byte-level BPE needs at least "
-                f"{MIN_VOCAB_SIZE} (256 bytes + the special tokens)"
-            )
+        check_vocab_size(vocab)
         say(f"tokenizer: will train a {vocab}-token byte-level BPE")
+    device = detect_device(recipe.train.device)
     if recipe.model.from_pretrained:
         model = load_model(recipe.model.from_pretrained)
         if recipe.train.method != "full":
@@ -51,9 +53,13 @@ def verify(recipe: Recipe, data: LoadedData, run_dir: Path, say: Say) -> TrainRe
 
             check_target_modules(model, list(recipe.lora.target_modules))
     else:
+        shape = recipe.model.resolve(vocab)
+        check_new_model_fits(shape, device)
         with torch.device("meta"):
-            model = build_model(recipe.model.resolve(vocab))
+            model = build_model(shape)
     check_seq_len(recipe.data.seq_len, model.config.max_position_embeddings)
+    check_batch_fits(recipe.train.batch_size, recipe.data.seq_len, model.config.hidden_size,
+                     model.config.num_hidden_layers, device)
     counts = count_parameters(model)
     say(f"model: {counts['total'] / 1e6:.2f}M parameters, {model_shape(model)}")
     say(f"output: {run_dir} is free to use" if not run_dir.exists() else f"output: {run_dir} ok")
@@ -89,8 +95,8 @@ def tokenizer_for(
     say: Say, d: Distributed | None = None,
 ) -> Any:
     """The checkpoint's tokenizer, the recipe's, the base model's, or one trained now (into
-    `staging`, moved into the run directory once the run starts). With several processes, rank
-    0 trains it and the others load it from rank 0's staging directory."""
+    `staging/tokenizer/`, moved into the run directory once the run is claimed). With several
+    processes, rank 0 trains it and the others load it from rank 0's staging directory."""
     if checkpoint is not None:
         return load_tokenizer(checkpoint)
     if recipe.tokenizer.path:
@@ -104,16 +110,15 @@ def tokenizer_for(
     def train_here() -> Any:
         say(f"training a {recipe.tokenizer.vocab_size}-token byte-level BPE tokenizer ...")
         started = time.perf_counter()
-        shutil.rmtree(staging)
         trained = train_tokenizer(
             texts(),
             recipe.tokenizer.vocab_size,
-            staging,
+            staging / TOKENIZER_DIR,
             min_frequency=recipe.tokenizer.min_frequency,
         )
         say(f"tokenizer: {len(trained)} tokens in {time.perf_counter() - started:.1f}s")
         return trained
 
     tokenizer = d.on_main(train_here)
-    where = d.broadcast(str(staging))
+    where = d.broadcast(str(staging / TOKENIZER_DIR))
     return tokenizer if d.is_main else load_tokenizer(where)

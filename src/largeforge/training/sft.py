@@ -62,12 +62,14 @@ def resolve_sft_recipe(
     `output` is the run directory itself (its parent becomes output.dir, its name output.name).
     `require`: a model and data must be named (False to only show what resolves).
     """
+    options = getattr(flags, "options", None)  # the option that set each key, for messages
     flags = dict(flags or {})
     if output is not None:
         out = Path(output)
         flags["output.dir"], flags["output.name"] = str(out.parent), out.name
     resolved = load_recipe(
-        config, flags=flags, overrides=overrides, environ=environ, defaults=SFT_DEFAULTS,
+        config, flags=flags, flag_options=options, overrides=overrides, environ=environ,
+        defaults=SFT_DEFAULTS,
         defaults_name="train sft default",
     )
     recipe, sources = resolved.recipe, resolved.sources

@@ -17,20 +17,25 @@ data-kind table (`data_kinds.py`), what is optimised from the objective table
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
+from largeforge.atomic_files import lock_path, replace_path, temp_dir
 from largeforge.config import Recipe
 from largeforge.errors import LargeForgeError
 from largeforge.hardware import detect_device, release_freed_memory, resolve_precision
-from largeforge.models import count_parameters, flops_per_token
-from largeforge.runs import CHECKPOINTS_DIR, RunDir
-from largeforge.training.checkpoint import load_training_state, restore_rng_state, save_checkpoint
+from largeforge.models import ModelConfig, count_parameters, flops_per_token
+from largeforge.runs import CHECKPOINTS_DIR, TOKENIZER_DIR, RunDir
+from largeforge.training.checkpoint import (
+    load_training_state,
+    restore_rng_state,
+    resuming_from,
+    save_checkpoint,
+)
 from largeforge.training.data_kinds import DATA_KINDS, LoadedData
 from largeforge.training.distributed import (
     Distributed,
@@ -51,6 +56,7 @@ from largeforge.training.objective_table import OBJECTIVES, check_method, decide
 from largeforge.training.observer import NullObserver, RunObserver
 from largeforge.training.optimization import compile_for_training, make_optimizer
 from largeforge.training.preflight import tokenizer_for, verify
+from largeforge.training.resources import check_batch_fits, check_new_model_fits, check_threads
 from largeforge.training.run_claim import checkpoint_world_size, claim_run_dir
 from largeforge.training.schedule import lr_at
 from largeforge.training.setup import model_for_run
@@ -91,6 +97,7 @@ class Trainer:
         self.observer = observer or NullObserver()
         self.state = TrainState()
         self.run_dir = _run_dir(recipe.run_dir, resume)
+        self.run_lock: int | None = None  # the run directory's lock, once claimed
 
     # -- check ---------------------------------------------------------------------------------
 
@@ -103,11 +110,13 @@ class Trainer:
         kind = decide_data_kind(recipe, sft=self.sft)
         check_method(recipe, kind)
         check_supported(recipe, self.dist)
+        check_threads(recipe.train.threads)
         self.kind = DATA_KINDS[kind]
         self.data: LoadedData = self.kind.load(recipe, self.say)
         self.checkpoint = claim_run_dir(self.run_dir, recipe, resume=self.resume,
                                         overwrite=self.overwrite, dry_run=True,
-                                        world_size=self.dist.world_size)
+                                        world_size=self.dist.world_size,
+                                        say=lambda line: self.say(line, soft_wrap=True))
 
     def verify(self) -> TrainResult:
         return verify(self.recipe, self.data, self.run_dir, self.say)
@@ -115,17 +124,27 @@ class Trainer:
     # -- setup ---------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Everything a run needs, checked and built before the run directory is claimed (the
+        last thing here but restoring a checkpoint): a run that fails to start leaves nothing,
+        and a tokenizer trained for the run waits in a staging directory until the claim."""
         cfg_t = self.recipe.train
         if cfg_t.threads:
             torch.set_num_threads(cfg_t.threads)
         self.device = run_device(self.dist, detect_device(cfg_t.device))
         self.precision = self._precision()
-        self._tokenizer_corpus_model()
-        self._place_model()
-        self.optimizer = make_optimizer(self.model, self.recipe, self.device)
-        self._batches_and_objectives()
+        checked = self.checkpoint
+        with temp_dir(self.run_dir) as staging, resuming_from(checked):
+            # Read before the claim: a damaged checkpoint fails with the run left as it was.
+            saved = load_training_state(checked) if checked is not None else None
+            self._tokenizer_corpus_model(staging)
+            self._place_model()
+            self.optimizer = make_optimizer(self.model, self.recipe, self.device)
+            self._batches_and_objectives()
+            self.dist.barrier()  # every rank has checked all before rank 0 claims the directory
+            claimed = self.dist.on_main(lambda: self._claim(staging))
+            self.checkpoint = claimed if self.dist.is_main else self.checkpoint
         if self.checkpoint is not None:
-            self._restore(self.checkpoint)
+            self._restore(self.checkpoint, saved if self.checkpoint == checked else None)
         self._start()
 
     def _precision(self) -> str:
@@ -141,46 +160,58 @@ class Trainer:
                 return str(kept)
         return resolve_precision(cfg_t.precision, self.device)
 
-    def _tokenizer_corpus_model(self) -> None:
-        """Tokenizer, tokenised corpus and model, all before the run directory is claimed: a
-        model without weights or adapters that do not fit it leave nothing behind."""
+    def _tokenizer_corpus_model(self, staging: Path) -> None:
+        """Tokenizer, tokenised corpus and model: a model without weights or adapters that do
+        not fit it fail here, before anything is written."""
         recipe, d = self.recipe, self.dist
-        staging = Path(tempfile.mkdtemp(prefix=f".{self.run_dir.name}.tokenizer.",
-                                        dir=_parent(self.run_dir)))
-        try:
-            self.tokenizer = tokenizer_for(
-                recipe, self.checkpoint, lambda: self.kind.texts(self.data, recipe), staging,
-                self.say, d)
-            self.corpus = self.kind.prepare(self.data, self.tokenizer, recipe, self.say)
-            if recipe.model.from_pretrained is None and self.checkpoint is None:
-                check_seq_len(recipe.data.seq_len,
-                              recipe.model.resolve(len(self.tokenizer)).max_seq_len)
-            check_tokenizer = OBJECTIVES[recipe.train.objective].check_tokenizer
-            if check_tokenizer is not None:  # e.g. a teacher that must share the vocabulary
-                check_tokenizer(recipe, self.tokenizer)
-            torch.manual_seed(recipe.train.seed)
-            # A sharded checkpoint is no model directory: the model is built as at the start
-            # and its weights come from the shards once it is sharded.
-            sharded = self.checkpoint is not None and is_sharded_checkpoint(self.checkpoint)
-            self.model = model_for_run(recipe, None if sharded else self.checkpoint,
-                                       self.tokenizer, self.precision)
-            if d.rank > 0:  # every rank built the same model; dropout differs from here on
-                torch.manual_seed(recipe.train.seed + d.rank)
-            release_freed_memory()
-            check_model_fits(self.model, self.tokenizer, recipe.data.seq_len)
-            d.barrier()  # every rank has checked the run directory before rank 0 changes it
-            claimed = d.on_main(lambda: self._claim(staging))
-            self.checkpoint = claimed if d.is_main else self.checkpoint
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        self.tokenizer = tokenizer_for(
+            recipe, self.checkpoint, lambda: self.kind.texts(self.data, recipe), staging,
+            self.say, d)
+        self.corpus = self.kind.prepare(self.data, self.tokenizer, recipe, self.say)
+        if recipe.model.from_pretrained is None and self.checkpoint is None:
+            self._check_new_model(recipe.model.resolve(len(self.tokenizer)))
+        check_tokenizer = OBJECTIVES[recipe.train.objective].check_tokenizer
+        if check_tokenizer is not None:  # e.g. a teacher that must share the vocabulary
+            check_tokenizer(recipe, self.tokenizer)
+        torch.manual_seed(recipe.train.seed)
+        # A sharded checkpoint is no model directory: the model is built as at the start
+        # and its weights come from the shards once it is sharded.
+        sharded = self.checkpoint is not None and is_sharded_checkpoint(self.checkpoint)
+        self.model = model_for_run(recipe, None if sharded else self.checkpoint,
+                                   self.tokenizer, self.precision)
+        if d.rank > 0:  # every rank built the same model; dropout differs from here on
+            torch.manual_seed(recipe.train.seed + d.rank)
+        release_freed_memory()
+        check_model_fits(self.model, self.tokenizer, recipe.data.seq_len)
+        config = self.model.config
+        check_batch_fits(recipe.train.batch_size, recipe.data.seq_len, config.hidden_size,
+                         config.num_hidden_layers, self.device)
+
+    def _check_new_model(self, shape: ModelConfig) -> None:
+        """A model about to be built: its context, and that it and one micro-batch fit the
+        device, before a byte of it is allocated."""
+        check_seq_len(self.recipe.data.seq_len, shape.max_seq_len)
+        check_new_model_fits(shape, self.device)
+        check_batch_fits(self.recipe.train.batch_size, self.recipe.data.seq_len, shape.dim,
+                         shape.n_layers, self.device)
 
     def _claim(self, staging: Path) -> Path | None:
         claimed = claim_run_dir(self.run_dir, self.recipe, resume=self.resume,
                                 overwrite=self.overwrite, world_size=self.dist.world_size)
+        # Held while this process trains the run: another start of it is refused meanwhile,
+        # and once this process ends (even killed) the lock is gone with it.
+        self.run_lock = lock_path(self.run_dir)
         self.observer.claimed(self.run_dir, self.recipe, resumed=claimed is not None)
-        if any(staging.iterdir()):
-            staging.rename(RunDir(self.run_dir).tokenizer)
+        trained = staging / TOKENIZER_DIR
+        if trained.is_dir():
+            replace_path(trained, RunDir(self.run_dir).tokenizer)
         return claimed
+
+    def release(self) -> None:
+        """Let go of the run directory (the run ended, however)."""
+        if self.run_lock is not None:
+            os.close(self.run_lock)
+            self.run_lock = None
 
     def _place_model(self) -> None:
         """The model on its device, in training mode, wrapped for several processes and
@@ -221,9 +252,9 @@ class Trainer:
             self.say(f"distributed: {d.describe()}; global batch {b} per process x {a} "
                      f"accumulation x {w} processes = {b * a * w} sequences per step")
 
-    def _restore(self, checkpoint: Path) -> None:
+    def _restore(self, checkpoint: Path, saved: dict[str, Any] | None = None) -> None:
         d = self.dist
-        saved = load_training_state(checkpoint)
+        saved = saved if saved is not None else load_training_state(checkpoint)
         if d.enabled:  # optimizer (and sharded model) state, this rank's RNG states
             load_checkpoint(d, checkpoint, self.model, self.optimizer, saved)
         else:
@@ -457,7 +488,3 @@ def _run_dir(run_dir: Path, resume: str | Path | None) -> Path:
     path = Path(str(resume))
     return path.parent.parent if path.parent.name == CHECKPOINTS_DIR else path
 
-
-def _parent(run_dir: Path) -> Path:
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    return run_dir.parent
