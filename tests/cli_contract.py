@@ -16,6 +16,16 @@ TINY_TRAIN = ["train", "--data", "small.txt", "--preset", "tiny", "--max-steps",
               "--set", "model.n_kv_heads=1", "--set", "train.batch_size=2"]
 
 
+def save_tiny_model(root: Path) -> Path:
+    """A random 2-layer Llama with a tokenizer trained on TEXT, saved to `root`."""
+    import tiny_models
+
+    tokenizer = tiny_models.make_tokenizer([TEXT])
+    tiny_models.make_model(len(tokenizer), 64).save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under `root` with a hash of its bytes, and every directory."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()

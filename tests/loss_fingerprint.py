@@ -97,6 +97,14 @@ def fingerprint() -> dict[str, list[dict[str, float]]]:
     return out
 
 
+def library_versions() -> dict[str, str]:
+    """The libraries whose numerics the losses depend on: a new version may change the last
+    bits (transformers 5.25 moved step-1 losses by about 1e-5)."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "tokenizers", "peft")}
+
+
 if __name__ == "__main__":
-    json.dump(fingerprint(), sys.stdout, indent=1)
+    json.dump({"versions": library_versions(), **fingerprint()}, sys.stdout, indent=1)
     print()

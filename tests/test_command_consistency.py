@@ -9,17 +9,12 @@ from pathlib import Path
 
 import pytest
 
-import tiny_models
-from cli_contract import TEXT, refused, succeeds
+from cli_contract import TEXT, refused, save_tiny_model, succeeds
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    tokenizer = tiny_models.make_tokenizer([TEXT])
-    tiny_models.make_model(len(tokenizer), 64).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture

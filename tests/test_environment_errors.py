@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import tiny_models
-from cli_contract import TEXT, TINY_TRAIN, refused
+from cli_contract import TEXT, TINY_TRAIN, refused, save_tiny_model
 from conftest import run_cli
 
 TRAIN = TINY_TRAIN
@@ -40,11 +39,7 @@ def test_a_file_where_a_directory_is_expected(workdir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    tokenizer = tiny_models.make_tokenizer([TEXT])
-    tiny_models.make_model(len(tokenizer), 64).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.mark.parametrize("device", ["tpu9", "cuda", "cuda:3", "mps"])

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-import tiny_models
-from cli_contract import refused, succeeds
+from cli_contract import refused, save_tiny_model, succeeds
 
 TEXT = "Once upon a time there was a little fox who lived in the forest.\n" * 60
 TRAIN = ["train", "--data", "small.txt", "--preset", "tiny", "--max-steps", "2",
@@ -52,11 +51,7 @@ def workdir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    tokenizer = tiny_models.make_tokenizer([TEXT])
-    tiny_models.make_model(len(tokenizer), 64).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 def hidden(directory: Path) -> list[str]:
