@@ -6,6 +6,8 @@ file system (there must be none: reports read offline), and a full-page screensh
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,3 +110,50 @@ def table_cells_probe(table_id: str) -> str:
         Array.from(tr.cells).map(td => ({{text: td.innerText.trim(),
             best: td.classList.contains('best') || tr.classList.contains('best'),
             weight: Number(getComputedStyle(td).fontWeight)}})))"""
+
+
+class LivePage:
+    """A page of a live local web app in headless Chromium, with the console errors it logged
+    and every request it made that left 127.0.0.1 (there must be none: no CDN)."""
+
+    def __init__(self, page, external: list[str], errors: list[str]) -> None:  # noqa: ANN001
+        self.page = page
+        self.external_requests = external
+        self.console_errors = errors
+
+    def shot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(path), full_page=True)
+        print(f"screenshot: {path}")
+        return path
+
+
+@contextmanager
+def live_page(origin: str, viewport: dict | None = None) -> Iterator[LivePage]:
+    """A fresh headless Chromium page for the server at `origin` (http://HOST:PORT); any
+    request elsewhere is recorded and refused."""
+    from playwright.sync_api import sync_playwright
+
+    require_chromium()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=LAUNCH_ARGS)
+        try:
+            page = browser.new_page(viewport=viewport or {"width": 1400, "height": 950})
+            external: list[str] = []
+            errors: list[str] = []
+            local = (origin.rstrip("/") + "/", *LOCAL_SCHEMES)
+
+            def route(route) -> None:  # noqa: ANN001 - playwright's Route
+                if route.request.url.startswith(local):
+                    route.continue_()
+                else:
+                    external.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", route)
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            yield LivePage(page, external, errors)
+        finally:
+            browser.close()

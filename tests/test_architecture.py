@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"export"},
     {"serving"},
     {"merge", "server", "trainer", "quickstart"},
-    {"cli"},
+    {"cli", "dashboard"},
     {"__init__", "__main__"},
 ]
 MAX_MODULE_LINES = 600

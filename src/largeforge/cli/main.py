@@ -41,6 +41,7 @@ def _register() -> None:
         checkpoints_cmd,
         compare_cmd,
         config_cmd,
+        dashboard_cmd,
         data_cmd,
         doctor_cmd,
         eval_cmd,
@@ -59,7 +60,7 @@ def _register() -> None:
     for module in (
         doctor_cmd, config_cmd, data_cmd, tokenizer_cmd, train_cmd, generate_cmd, merge_cmd,
         eval_cmd, compare_cmd, runs_cmd, checkpoints_cmd, export_cmd, import_cmd, serve_cmd,
-        infer_cmd,
+        infer_cmd, dashboard_cmd,
         router_cmd,  # after serve_cmd: it adds `serve router` to the serve group
     ):
         module.register(app)

@@ -23,6 +23,7 @@ RunArg = typer.Argument(..., help="A run: its name in the registry or its direct
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
 _STATUS_STYLE = {"running": "cyan", "completed": "green", "stopped_early": "green",
+                 "stopped": "yellow",
                  "failed": "red", "dead": "red"}
 
 
@@ -42,7 +43,7 @@ def _registry(path: Path | None) -> Any:
 def list_command(
     status: str | None = typer.Option(
         None, "--status", help="Only runs with this status: running, completed, stopped_early, "
-        "failed or dead (marked running, its process gone)."
+        "stopped, failed or dead (marked running, its process gone)."
     ),
     limit: int | None = typer.Option(None, "--limit", help="At most this many runs."),
     registry: Path | None = RegistryOpt,

@@ -157,9 +157,8 @@ def sft_command(
     )
     if not result.verified_only:
         print_summary(result, console)
-        if result.model is not None and resolved.recipe.train.method != "full" and (
-            result.rank == 0
-        ):
+        adapter = resolved.recipe.train.method != "full"
+        if result.model is not None and not result.interrupted and adapter and result.rank == 0:
             console.print(
                 f"adapter (PEFT format) in {result.final_dir}; merge it with: largeforge merge "
                 f"--adapter {result.final_dir} --output {result.run_dir}-merged"
@@ -178,6 +177,9 @@ def distill_command(
     overrides: list[str] | None = ro.SetOpt,
     resume: str | None = ro.ResumeOpt,
     overwrite: bool = ro.OverwriteRunOpt,
+    verify_only: bool = typer.Option(
+        False, "--verify-only", help="Check data, teacher, student and output; do not train."
+    ),
 ) -> None:
     """Distil a teacher into a student: KL to the teacher's softened distribution (temperature T)
     mixed with cross-entropy by alpha; the two must share a tokenizer."""
@@ -200,11 +202,18 @@ def distill_command(
     from largeforge.training.loop import train
 
     console = Console()
-    print_summary(train(resolved, resume=resume, overwrite=overwrite, console=console), console)
+    result = train(resolved, resume=resume, overwrite=overwrite, verify_only=verify_only,
+                   console=console)
+    if not result.verified_only:
+        print_summary(result, console)
 
 
 def print_summary(result: TrainResult, console: Console) -> None:
     if result.rank != 0:  # under torchrun, rank 0 speaks for every process
+        return
+    if result.interrupted:
+        console.print(f"[bold yellow]stopped[/] at step {result.steps} with a checkpoint in "
+                      f"{result.run_dir}; continue it with the same command and --resume")
         return
     console.print(f"[bold green]done[/]: {result.steps} steps in {result.run_dir}")
     if result.best_val_loss is not None:

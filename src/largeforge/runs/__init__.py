@@ -4,6 +4,7 @@
     model_ref.py  resolve_model_dir: what `--model` accepts (model dir, run dir, hub id, GGUF)
     database.py   the registry's SQLite file: location, locking, migrations applied
     registry.py   Registry and RunRecord: the runs table; resolve_run_dir (a name or a path)
+    actions.py    ActionRecord and the registry's action log (what the dashboard did to runs)
     experts.py    ExpertRecord and the registry's expert methods (the router's experts)
     recorder.py   RunRecorder: a training run's registry row, never failing the run
     logs.py       reading metrics.jsonl (also while it grows) and a run's live status
@@ -18,6 +19,7 @@ can resolve and check their arguments before the slow imports.
 
 from __future__ import annotations
 
+from largeforge.runs.actions import ActionRecord
 from largeforge.runs.cleanup import (
     Checkpoint,
     CleanupPlan,
@@ -74,6 +76,7 @@ from largeforge.runs.run_dir import (
 )
 
 __all__ = [
+    "ActionRecord",
     "BEST_DIR",
     "CHECKPOINTS_DIR",
     "CONSOLIDATED_DIR",

@@ -53,7 +53,7 @@ class Database:
     """
 
     def __init__(self, path: str | Path | None = None, timeout: float | None = None, *,
-                 create: bool = True) -> None:
+                 create: bool = True, lazy: bool = False) -> None:
         self.path = Path(path).expanduser() if path is not None else default_registry_path()
         if timeout is None:
             timeout = _env_timeout()
@@ -64,7 +64,9 @@ class Database:
                 f"(--registry or ${ENV_PATH})"
             )
         self._ready = False
-        if create or self.path.exists():
+        # lazy: opened by the first read or write, which report a damaged file then (a
+        # long-running reader such as the dashboard starts whatever state the file is in).
+        if not lazy and (create or self.path.exists()):
             self._open()
 
     @property

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from largeforge.errors import LargeForgeError
+from largeforge.runs.actions import ActionsMixin
 from largeforge.runs.database import default_registry_path, format_time, now
 from largeforge.runs.experts import ExpertsMixin
 from largeforge.runs.run_dir import RECIPE_FILE, is_run_dir
 
-STATUSES = ("running", "completed", "stopped_early", "failed")
+# stopped: ended on request (SIGINT) after saving a checkpoint; `--resume` continues it.
+STATUSES = ("running", "completed", "stopped_early", "stopped", "failed")
 # What `runs list` shows: a `running` row whose process is gone is `dead`.
 SHOWN_STATUSES = (*STATUSES, "dead")
 
@@ -70,6 +72,18 @@ MIGRATIONS: tuple[str, ...] = (
         description TEXT,
         created REAL NOT NULL
     );
+    """,
+    # 3: actions taken on runs from outside them (the dashboard's stop, resume, cleanup, ...).
+    """
+    CREATE TABLE actions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,
+        run_dir TEXT,
+        action TEXT NOT NULL,
+        detail TEXT,
+        origin TEXT NOT NULL
+    );
+    CREATE INDEX actions_run ON actions (run_dir);
     """,
 )
 
@@ -150,7 +164,7 @@ def process_alive(pid: int | None, hostname: str | None) -> bool:
     return True
 
 
-class Registry(ExpertsMixin):
+class Registry(ExpertsMixin, ActionsMixin):
     """The runs registry at `path` (see `database.py` for the default and the locking).
 
     With `create=False` (what commands that only read use) a registry that does not exist yet

@@ -89,6 +89,15 @@ class RunObserver:
                              best_step)
         self._report()
 
+    def interrupted(self, step: int, best_val_loss: float | None,
+                    best_step: int | None) -> None:
+        """Stopped on request (SIGINT) after saving checkpoint `step`: resumable."""
+        assert self.run is not None
+        self.run.write_state(status="stopped", step=step, best_val_loss=best_val_loss,
+                             best_step=best_step)
+        self.recorder.finish(self.run.path, "stopped", step, best_val_loss, best_step)
+        self.message(f"stopped at step {step}; continue with --resume")
+
     def failed(self, exc: BaseException) -> None:
         """Registry row and run.json say `failed`, with the message (runs that never claimed
         their directory have neither)."""
@@ -138,6 +147,10 @@ class NullObserver(RunObserver):
         pass
 
     def finished(self, result: TrainResult, best_step: int | None) -> None:
+        pass
+
+    def interrupted(self, step: int, best_val_loss: float | None,
+                    best_step: int | None) -> None:
         pass
 
     def failed(self, exc: BaseException) -> None:

@@ -40,6 +40,7 @@ class TrainResult:
     best_val_loss: float | None = None
     last_val_loss: float | None = None
     stopped_early: bool = False
+    interrupted: bool = False  # stopped on SIGINT with a checkpoint; no final/
     tokens_per_s: float | None = None
     mfu: float | None = None
     parameters: int = 0

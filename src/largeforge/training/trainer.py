@@ -52,6 +52,7 @@ from largeforge.training.distributed import (
     wrap_model,
 )
 from largeforge.training.distributed import save_checkpoint as save_distributed_checkpoint
+from largeforge.training.interrupt import StopRequest, stop_on_sigint
 from largeforge.training.objective_table import OBJECTIVES, check_method, decide_data_kind
 from largeforge.training.observer import NullObserver, RunObserver
 from largeforge.training.optimization import compile_for_training, make_optimizer
@@ -299,9 +300,14 @@ class Trainer:
     # -- steps ---------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
-        """Steps until max_steps or an early stop, evaluating and saving as the recipe says."""
-        cfg_t = self.recipe.train
+        """Steps until max_steps, an early stop or a stop asked for with SIGINT, evaluating and
+        saving as the recipe says."""
         self.throughput.restart()
+        with stop_on_sigint(self.dist.world_size == 1, self.observer.message) as stop:
+            return self._steps(stop)
+
+    def _steps(self, stop: StopRequest) -> TrainResult:
+        cfg_t = self.recipe.train
         try:
             while self.state.step < self.max_steps:
                 record = self.train_step()
@@ -316,7 +322,7 @@ class Trainer:
                 patience = cfg_t.early_stopping_patience
                 stop_early = bool(patience) and (
                     self.state.evals_without_improvement >= (patience or 0))
-                if step % self.save_every == 0 or last or stop_early:
+                if step % self.save_every == 0 or last or stop_early or stop.requested:
                     self.save(step)
                     self.observer.checkpointed(step, self.state.best_val_loss,
                                                self.state.best_step)
@@ -327,9 +333,20 @@ class Trainer:
                     self.observer.message(f"early stop at step {step}: no better val loss in "
                                           f"{patience} evaluations")
                     break
+                if stop.requested and not last:
+                    return self._interrupted(step)
         finally:
             self.observer.stopped()
         return self.finish()
+
+    def _interrupted(self, step: int) -> TrainResult:
+        """Stopped on request (SIGINT) with a checkpoint at `step`: no final/, status stopped."""
+        result = self.result
+        result.steps, result.interrupted = step, True
+        result.best_dir = RunDir(self.run_dir).best if RunDir(self.run_dir).best.is_dir() else None
+        result.best_val_loss = self.state.best_val_loss
+        self.observer.interrupted(step, self.state.best_val_loss, self.state.best_step)
+        return result
 
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; the step's log record when it is a logging step."""
