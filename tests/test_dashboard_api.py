@@ -164,3 +164,16 @@ def test_form_errors_start_nothing(tmp_path):
         "model": "m", "data": "x.txt", "run_name": "ok", "lr": "-1"}})
     assert "--lr" in lr.json()["errors"]["lr"]
     assert not (tmp_path / "runs").exists() and client.get("/api/jobs").json() == []
+
+
+def test_router_state_of_an_address_with_no_router_is_a_clear_error(tmp_path):
+    import socket
+
+    client = _client(tmp_path)
+    bad = client.get("/api/router", params={"url": "ftp://example"})
+    assert bad.status_code == 400 and "http://" in bad.json()["error"]
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nobody = client.get("/api/router", params={"url": f"http://127.0.0.1:{port}"})
+    assert nobody.status_code == 400 and "no router answers" in nobody.json()["error"]

@@ -13,6 +13,7 @@ A leaf module: it imports nothing of LargeForge but `errors`, so every layer may
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -88,6 +89,17 @@ def loads(text: str, *, check_strings: bool = True) -> Any:
             position = _lone_escape_at(text)
             at = _with_column(f"lone surrogate {escape}", text, position)
             raise UnusableJson(f"{at} ({where}): {SURROGATE_REMEDY}", text, position, path)
+    return value
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities (a diverged loss) as None, since JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     return value
 
 

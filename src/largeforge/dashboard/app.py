@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from collections.abc import AsyncIterator, Iterator
 from importlib import resources
 from pathlib import Path
@@ -32,25 +31,15 @@ from largeforge.dashboard.runs_view import (
 )
 from largeforge.errors import LargeForgeError
 from largeforge.runs import MetricsTail, RunDir, live_status
+from largeforge.text_files import json_safe
 from largeforge.version import __version__
 
 HERE = Path(__file__).parent
 FINAL_STATUSES = ("completed", "stopped_early", "stopped", "failed", "dead", "missing")
 
 
-def clean(value: Any) -> Any:
-    """JSON-safe: NaN and infinities (a diverged loss) become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [clean(v) for v in value]
-    return value
-
-
 def sse(event: str, data: Any) -> str:
-    return f"event: {event}\ndata: {json.dumps(clean(data), default=str)}\n\n"
+    return f"event: {event}\ndata: {json.dumps(json_safe(data), default=str)}\n\n"
 
 
 def plotly_js() -> Path:
@@ -163,7 +152,7 @@ def _add_api(app: FastAPI, dashboard: Dashboard) -> None:
     @app.get("/api/runs")
     def api_runs() -> JSONResponse:
         listing = list_runs(dashboard.registry, dashboard.runs_dir)
-        return JSONResponse(clean({"runs": listing.rows, "notice": listing.notice}))
+        return JSONResponse(json_safe({"runs": listing.rows, "notice": listing.notice}))
 
     @app.get("/api/runs/events")
     async def api_runs_events(request: Request) -> StreamingResponse:
@@ -173,7 +162,7 @@ def _add_api(app: FastAPI, dashboard: Dashboard) -> None:
                 listing = await asyncio.to_thread(list_runs, dashboard.registry,
                                                   dashboard.runs_dir)
                 body = {"runs": listing.rows, "notice": listing.notice}
-                text = json.dumps(clean(body), default=str)
+                text = json.dumps(json_safe(body), default=str)
                 if text != last:
                     last = text
                     yield f"event: runs\ndata: {text}\n\n"
@@ -183,9 +172,10 @@ def _add_api(app: FastAPI, dashboard: Dashboard) -> None:
     @app.get("/api/run")
     def api_run(dir: str) -> JSONResponse:
         d = run_detail(dashboard.registry, dir)
-        return JSONResponse(clean({"row": d.row, "state": d.state, "recipe_text": d.recipe_text,
-                                   "checkpoints": d.checkpoints,
-                                   "evals": d.evals, "actions": d.actions, "models": d.models}))
+        return JSONResponse(json_safe({
+            "row": d.row, "state": d.state, "recipe_text": d.recipe_text,
+            "checkpoints": d.checkpoints, "evals": d.evals, "actions": d.actions,
+            "models": d.models}))
 
     @app.get("/api/run/metrics")
     async def api_run_metrics(request: Request, dir: str) -> StreamingResponse:
@@ -199,13 +189,13 @@ def _add_api(app: FastAPI, dashboard: Dashboard) -> None:
         from largeforge.dashboard.runs_view import metrics_series
 
         data["series"] = {d: metrics_series(d) for d in dir}
-        return JSONResponse(clean(data))
+        return JSONResponse(json_safe(data))
 
     @app.get("/api/launch/form")
     def api_form(command: str) -> JSONResponse:
         if command not in COMMANDS:
             raise LargeForgeError(f"unknown command {command!r}")
-        return JSONResponse(clean([f.__dict__ for f in form_fields(command)]))
+        return JSONResponse(json_safe([f.__dict__ for f in form_fields(command)]))
 
     @app.post("/api/launch")
     def api_launch(body: dict[str, Any]) -> JSONResponse:
@@ -279,18 +269,47 @@ def _add_model_api(app: FastAPI, dashboard: Dashboard, playground: Playground) -
 
     @app.get("/api/jobs")
     def api_jobs(kind: str | None = None) -> JSONResponse:
-        return JSONResponse(clean([j.to_json() for j in dashboard.jobs.list(kind)]))
+        return JSONResponse(json_safe([j.to_json() for j in dashboard.jobs.list(kind)]))
 
     @app.get("/api/jobs/{job_id}")
     def api_job(job_id: str) -> JSONResponse:
         try:
-            return JSONResponse(clean(dashboard.jobs.get(job_id).to_json()))
+            return JSONResponse(json_safe(dashboard.jobs.get(job_id).to_json()))
         except KeyError:
             return JSONResponse({"error": f"no job {job_id}"}, status_code=404)
 
     @app.get("/api/experts")
     def api_experts() -> JSONResponse:
         return JSONResponse(_experts(dashboard))
+
+    @app.get("/api/router")
+    def api_router(url: str) -> JSONResponse:
+        return JSONResponse(router_state(url))
+
+
+def router_state(url: str) -> dict[str, Any]:
+    """A running router's `/health` (its experts, replicas and their breakers), fetched here so
+    the page needs no cross-origin request; 503 (no expert available) is a state too."""
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        raise LargeForgeError(f"a router URL starts with http:// or https://, not {url!r}")
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=3) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise LargeForgeError(f"no router answers at {url}: {exc}") from None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise LargeForgeError(f"{url}/health did not answer JSON: is it a LargeForge router?"
+                              ) from None
+    if not isinstance(data, dict) or "experts" not in data:
+        raise LargeForgeError(f"{url}/health is not a LargeForge router's")
+    return data
 
 
 def _stream(events: Any) -> StreamingResponse:

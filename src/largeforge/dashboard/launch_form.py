@@ -39,6 +39,14 @@ COMMAND_TITLES = {
 # where it goes, the student of a distillation, and free `--set` lines).
 NAME_FIELD, SETS_FIELD, STUDENT_FIELD = "run_name", "set", "student"
 FORM_ERROR = "_form"  # errors that name no field
+# Labels where the flag's own name reads poorly; any other flag is its name, capitalised.
+LABELS = {
+    "lr": "Learning rate", "seq_len": "Sequence length", "num_epochs": "Epochs",
+    "eval_dataset": "Eval dataset", "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout", "dora": "DoRA", "grad_accum": "Gradient accumulation",
+    "eval_every": "Evaluate every", "early_stopping_patience": "Early stopping patience",
+    "beta": "Beta", "alpha": "KD alpha", "temperature": "KD temperature",
+}
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,8 @@ def form_fields(command: str) -> list[FormField]:
         default = info.default if not callable(info.default) and info.default is not None \
             and str(info.default) != "PydanticUndefined" else None
         fields.append(FormField(
-            name, name.replace("_", " ").capitalize(), kind, ro.option_help(name),
+            name, LABELS.get(name, name.replace("_", " ").capitalize()), kind,
+            ro.option_help(name),
             default=default, choices=choices,
             required=command == "distill" and name == "teacher", option=ro.option_name(name),
         ))
@@ -200,6 +209,8 @@ def _resolve(command: str, given: dict[str, Any], sets: list[str],
 
     try:
         flags = ro.dotted_flags(**given)
+        if command in ("dpo", "orpo", "distill"):  # what the command itself adds
+            flags["train.objective"] = command
         load_recipe(None, flags=flags, flag_options=flags.options, overrides=sets)
     except LargeForgeError as exc:
         place_error(str(exc), command, errors, values)

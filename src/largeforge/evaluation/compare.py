@@ -27,6 +27,7 @@ from largeforge.runs.report import (
     render,
     write_html,
 )
+from largeforge.text_files import json_safe
 
 if TYPE_CHECKING:
     from largeforge.evaluation.evaluate import EvalResult
@@ -138,21 +139,10 @@ def write_summary_json(path: str | Path, results: Sequence[ResultLike]) -> Path:
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(summary_dict(results)), indent=2, ensure_ascii=False,
+    text = json.dumps(json_safe(summary_dict(results)), indent=2, ensure_ascii=False,
                       allow_nan=False)
     write_atomic_text(target, text + "\n")
     return target
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become null: JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def check_compare_inputs(models: Sequence[str], data: str | Path, metrics: Sequence[str], *,

@@ -351,7 +351,8 @@ function tryPage() {
     const out = bubble("assistant streaming", "");
     const response = await fetch("/api/chat", {method: "POST", headers: {"Content-Type": "application/json"},
       body: JSON.stringify({model: model(), messages, template: $("#template").value || null,
-        temperature: Number($("#temperature").value), max_new_tokens: Number($("#max-tokens").value)})});
+        temperature: Number($("#temperature").value), top_p: Number($("#top-p").value),
+        max_new_tokens: Number($("#max-tokens").value)})});
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
     let buffer = "", reply = "";
@@ -402,6 +403,19 @@ async function stopServer(e) {
 function servingPage() {
   watchJobs("serve", $("#servers"), () => true);
   document.addEventListener("click", stopServer);
+  $("#router-check").addEventListener("click", async () => {
+    const out = $("#router-state");
+    try {
+      const {data} = await api("/api/router?url=" + encodeURIComponent($("#router-url").value.trim()));
+      const experts = Object.entries(data.experts || {}).map(([name, e]) => `<tr><td>${esc(name)}</td>
+        <td><span class="pill ${e.available ? "completed" : "failed"}">${e.available ? "available" : "unavailable"}</span></td>
+        <td class="mono">${(e.replicas || []).map((r) => esc(Object.entries(r).map(([k, v]) => k + "=" + v).join(" "))).join("<br>")}</td></tr>`).join("");
+      const look = {ok: "completed", degraded: "stopped"}[data.status] || "failed";
+      out.innerHTML = `<div>router <span class="pill ${look}">${esc(data.status)}</span>
+        · routing ${esc(data.routing)} · fallback ${esc(data.fallback)}</div>
+        <table id="router-experts"><thead><tr><th>Expert</th><th>State</th><th>Replicas</th></tr></thead><tbody>${experts}</tbody></table>`;
+    } catch (err) { out.textContent = err.message; }
+  });
 }
 
 const PAGES = {runs: runsPage, run: runPage, compare: comparePage, launch: launchPage, try: tryPage, serving: servingPage};
