@@ -98,11 +98,25 @@ def fingerprint() -> dict[str, list[dict[str, float]]]:
 
 
 def library_versions() -> dict[str, str]:
-    """The libraries whose numerics the losses depend on: a new version may change the last
-    bits (transformers 5.25 moved step-1 losses by about 1e-5)."""
+    """What the losses' last bits depend on: the libraries (transformers 5.25 moved step-1
+    losses by about 1e-5) and the CPU (MKL picks its kernels by instruction set: the same
+    libraries give other last bits on an AMX Xeon than on an AMD EPYC)."""
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("torch", "transformers", "tokenizers", "peft")}
+    versions = {name: version(name) for name in ("torch", "transformers", "tokenizers", "peft")}
+    return {**versions, "cpu": cpu_model()}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

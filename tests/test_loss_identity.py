@@ -27,8 +27,16 @@ def test_losses_are_bit_identical_to_the_reference(run: str, logged: dict) -> No
     if reference["versions"] == library_versions():
         # == on floats parsed from JSON: Python writes the shortest repr that reads back exactly.
         assert logged[run] == expected
-    else:  # other library numerics: the same run up to their last bits, not bit for bit
-        assert logged[run] == [pytest.approx(row, rel=1e-2) for row in expected], (
-            f"libraries {library_versions()} differ from the reference's "
+    else:  # other numerics: the same run up to their last bits, not bit for bit
+        assert _comparable(logged[run]) == [
+            pytest.approx(row, rel=1e-2, abs=1e-2) for row in _comparable(expected)], (
+            f"libraries and CPU {library_versions()} differ from the reference's "
             f"{reference['versions']}; regenerate it (loss_fingerprint.py) from the commit it "
             "names to compare bit for bit")
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    """Rows without preference accuracy, a step function of reward margins near zero that the
+    last bits can flip; rewards and margins are compared to 1e-2 absolute (the rewards drift
+    together by up to 5e-3 over 8 steps between an AMD EPYC and an Intel Xeon)."""
+    return [{k: v for k, v in row.items() if k != "preference_accuracy"} for row in rows]

@@ -1,7 +1,7 @@
 """What was done to runs from outside their own process (the `actions` table, migration 3):
 the dashboard's launch, stop, resume, checkpoint cleanup, eval, export and serve, each with
-when, what, the command line it ran and how it ended. A run's own progress stays in its row of
-the runs table; this is the log a person reads to learn who stopped a run and when.
+when, what and the command line it ran (or the signal it sent). A run's own progress stays in
+its row of the runs table; this is the log a person reads to learn who stopped a run and when.
 """
 
 from __future__ import annotations
