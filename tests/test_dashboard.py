@@ -201,12 +201,18 @@ def test_compare_two_runs(server, live_run):
         assert not lp.console_errors and not lp.external_requests
 
 
-def test_chat_streams_an_answer(server):
+def _latest_model(run_dir: str) -> str:
+    """The run's latest checkpoint: the model a stopped run stands for."""
+    run = Path(run_dir)
+    return str(run / "checkpoints" / (run / "checkpoints/latest").read_text().strip())
+
+
+def test_chat_streams_an_answer(server, live_run):
     url = server["url"]
-    model = str(Path(server["baseline"]) / "final")
+    model = _latest_model(live_run["run_dir"])
     with live_page(url) as lp:
         page = lp.page
-        page.goto(f"{url}/try?model={quote(model)}&run={quote(server['baseline'])}")
+        page.goto(f"{url}/try?model={quote(model)}&run={quote(live_run['run_dir'])}")
         # A pretrained base has no chat template: the page says so and continues text instead.
         page.wait_for_function("() => document.querySelector('#template').value === 'none'")
         assert "no chat template" in page.inner_text("#template-note")
@@ -220,20 +226,20 @@ def test_chat_streams_an_answer(server):
         assert not lp.console_errors and not lp.external_requests
 
 
-def test_export_to_gguf_checked_in_llama_cpp(server):
+def test_export_to_gguf_checked_in_llama_cpp(server, live_run):
     pytest.importorskip("llama_cpp")
     url = server["url"]
-    model = str(Path(server["baseline"]) / "final")
+    model = _latest_model(live_run["run_dir"])
     with live_page(url) as lp:
         page = lp.page
-        page.goto(f"{url}/try?model={quote(model)}&run={quote(server['baseline'])}")
+        page.goto(f"{url}/try?model={quote(model)}&run={quote(live_run['run_dir'])}")
         page.select_option("#export-format", "gguf")
         page.click("#export-run")
         page.wait_for_selector("#export-jobs .proof", timeout=240_000)
         proof = page.inner_text("#export-jobs .proof")
         lp.shot("dashboard-export")
     assert proof.startswith("checked") and "llama.cpp" in proof, proof
-    exported = list((Path(server["baseline"]) / "exports").glob("model-*.gguf"))
+    exported = list((Path(live_run["run_dir"]) / "exports").glob("model-*.gguf"))
     assert len(exported) == 1 and exported[0].read_bytes()[:4] == b"GGUF"
 
 
