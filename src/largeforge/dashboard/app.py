@@ -98,7 +98,7 @@ def create_app(dashboard: Dashboard, token: str | None = None) -> FastAPI:
     @app.get("/try", response_class=HTMLResponse)
     def try_page(model: str = "", run: str = "") -> HTMLResponse:
         listing = list_runs(dashboard.registry, dashboard.runs_dir)
-        models = _all_models(dashboard, listing.rows)
+        models = _all_models(listing.rows)
         return page("try.html", active="try", models=models, model=model, run=run,
                     formats=EXPORT_FORMATS, plain=PLAIN)
 
@@ -129,7 +129,7 @@ def _add_token_check(app: FastAPI, token: str) -> None:
                             "<code>/?token=...</code>.</p>", status_code=401)
 
 
-def _all_models(dashboard: Dashboard, rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+def _all_models(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     from largeforge.dashboard.runs_view import run_models
 
     models: list[dict[str, str]] = []
@@ -185,11 +185,7 @@ def _add_api(app: FastAPI, dashboard: Dashboard) -> None:
     def api_compare(dir: list[str] = Query(default=[])) -> JSONResponse:
         if len(dir) < 2:
             raise LargeForgeError("pick at least two runs to compare")
-        data = compare_runs(dashboard.registry, dir)
-        from largeforge.dashboard.runs_view import metrics_series
-
-        data["series"] = {d: metrics_series(d) for d in dir}
-        return JSONResponse(json_safe(data))
+        return JSONResponse(json_safe(compare_runs(dashboard.registry, dir)))
 
     @app.get("/api/launch/form")
     def api_form(command: str) -> JSONResponse:

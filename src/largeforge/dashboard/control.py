@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from largeforge.dashboard.jobs import Job, Jobs, largeforge_argv
-from largeforge.dashboard.launch_form import Launch, build_launch, verify
+from largeforge.dashboard.launch_form import Launch, build_launch, error_line, verify
 from largeforge.dashboard.runs_view import EVALS_DIR, find_record
 from largeforge.errors import LargeForgeError
 from largeforge.runs import ActionRecord, Registry, RunDir, process_alive
@@ -125,7 +125,7 @@ class Dashboard:
                               timeout=300, stdin=subprocess.DEVNULL,
                               env={**os.environ, **self._env()})
         if proc.returncode != 0:
-            raise LargeForgeError(_error_line(proc.stderr) or f"exit code {proc.returncode}")
+            raise LargeForgeError(error_line(proc.stderr) or f"exit code {proc.returncode}")
         summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "done"
         self.record("cleanup", run_key(run_dir), summary)
         return summary
@@ -183,11 +183,6 @@ class Dashboard:
         job = self.jobs.stop(job_id, signal.SIGTERM)
         self.record("serve-stop", run_key(job.run_dir) if job.run_dir else None, job.target or "")
         return job
-
-
-def _error_line(stderr: str) -> str | None:
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
-    return lines[-1][len("error:"):].strip() if lines else None
 
 
 def _free_port() -> int:

@@ -249,7 +249,12 @@ def verify(launch: Launch, python_argv: list[str], cwd: Path, timeout: float = 6
         launch.errors[FORM_ERROR] = f"the check (--verify-only) took over {timeout:.0f} s"
         return
     if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-        message = lines[-1][len("error:"):].strip() if lines else (
+        message = error_line(proc.stderr) or (
             proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         place_error(message, launch.command, launch.errors, launch.values)
+
+
+def error_line(stderr: str) -> str | None:
+    """The message of a command's last `error:` line (the CLI's one-line refusal)."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    return lines[-1][len("error:"):].strip() if lines else None

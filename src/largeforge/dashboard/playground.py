@@ -46,9 +46,10 @@ class Playground:
 
     def describe(self, model_ref: str) -> dict[str, Any]:
         """Whether the model has a chat template (decides what the page offers)."""
+        from largeforge.runs import resolve_model_dir
         from largeforge.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(model_ref)
+        tokenizer = load_tokenizer(resolve_model_dir(model_ref))
         return {"has_chat_template": bool(getattr(tokenizer, "chat_template", None))}
 
     def stream(self, request: ChatRequest) -> Iterator[str]:

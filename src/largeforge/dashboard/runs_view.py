@@ -168,15 +168,19 @@ def run_detail(registry: Registry, run_dir: str) -> RunDetail:
     record = find_record(registry, run_dir)
     run = RunDir(record.run_dir)
     state, state_error = _state(run)
-    try:
-        recipe_text = run.recipe.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        recipe_text = ""
+    recipe_text = _recipe_text(run)
     actions: list[dict[str, Any]] = []
     with contextlib.suppress(LargeForgeError, sqlite3.Error, OSError):
         actions = [a.to_json() for a in registry.list_actions(record.run_dir, limit=50)]
     return RunDetail(run_row(record), state, state_error, recipe_text, checkpoints(run),
                      run_models(run), run_evals(run), actions)
+
+
+def _recipe_text(run: RunDir) -> str:
+    try:
+        return run.recipe.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def checkpoints(run: RunDir) -> list[dict[str, Any]]:
@@ -238,20 +242,21 @@ def flat_recipe(recipe_text: str) -> dict[str, Any]:
 
 
 def compare_runs(registry: Registry, run_dirs: list[str]) -> dict[str, Any]:
-    """Curves, a metrics table with the best of each column marked, and the recipes diffed key
-    by key (only the keys where the runs differ, then the count of those that agree)."""
-    details = [run_detail(registry, d) for d in run_dirs]
-    recipes = [flat_recipe(d.recipe_text) for d in details]
+    """Curves (each run's metrics, read once), a metrics table with the best of each column
+    marked, and the recipes diffed key by key (only the keys where the runs differ, then the
+    count of those that agree)."""
+    records = [find_record(registry, d) for d in run_dirs]
+    recipes = [flat_recipe(_recipe_text(RunDir(r.run_dir))) for r in records]
     keys = sorted(set().union(*recipes)) if recipes else []
     differ = [k for k in keys if len({json.dumps(r.get(k), sort_keys=True, default=str)
                                       for r in recipes}) > 1]
     columns = [("best_val_loss", "min"), ("final_loss", "min"), ("tokens_per_s", "max"),
                ("step", "max")]
-    rows = []
-    for detail in details:
-        records = metrics_series(detail.row["dir"])
-        train = [r for r in records if not is_eval_record(r) and "loss" in r]
-        rows.append({**detail.row, "final_loss": train[-1]["loss"] if train else None})
+    rows, series = [], {}
+    for record, asked in zip(records, run_dirs, strict=True):
+        series[asked] = metrics_series(record.run_dir)
+        train = [r for r in series[asked] if not is_eval_record(r) and "loss" in r]
+        rows.append({**run_row(record), "final_loss": train[-1]["loss"] if train else None})
     best = {}
     for column, direction in columns:
         values = [r[column] for r in rows if isinstance(r.get(column), (int, float))]
@@ -260,5 +265,5 @@ def compare_runs(registry: Registry, run_dirs: list[str]) -> dict[str, Any]:
     return {
         "runs": rows, "best": best, "columns": [c for c, _ in columns],
         "diff": [{"key": k, "values": [r.get(k) for r in recipes]} for k in differ],
-        "same": len(keys) - len(differ),
+        "same": len(keys) - len(differ), "series": series,
     }
